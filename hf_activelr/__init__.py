@@ -1,0 +1,31 @@
+"""hf-activelr: ActiveLR optimizers for PyTorch and the Hugging Face Trainer.
+
+ActiveLR (Wadi, Fredette, Senecal, "Read the Signs: Towards Invariance to Gradient Descent's
+Hyperparameter Initialization", arXiv 2301.10133) gives every parameter element its own
+learning-rate gain and adapts it once a period from the sign of the gradient summed over
+the period: the same sign as last period, the gain grows by ``lr_high``; a flipped sign,
+it is multiplied by ``lr_low``.
+"""
+
+from .optim import (
+    ActiveAdaBelief,
+    ActiveAdaBound,
+    ActiveAdamW,
+    ActiveOptimizer,
+    ActiveRAdam,
+    ActiveSGD,
+)
+from .wrapper import ActiveLR
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActiveAdaBelief",
+    "ActiveAdaBound",
+    "ActiveAdamW",
+    "ActiveLR",
+    "ActiveOptimizer",
+    "ActiveRAdam",
+    "ActiveSGD",
+    "__version__",
+]

@@ -1,0 +1,86 @@
+"""What every Active optimizer shares, whatever computes its base step: group checks, the
+period clock and boundary, gain statistics, and loading state without damaging the gains."""
+
+from __future__ import annotations
+
+from . import rule
+from ._validation import check_active_args
+
+
+class ActiveMixin:
+    """Mixed into ``torch.optim.Optimizer`` subclasses whose state holds ActiveLR gains."""
+
+    # -- groups -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _init_active_group(group: dict) -> None:
+        """Validate a group's ActiveLR settings and start its period clock."""
+        check_active_args(
+            group["lr_high"], group["lr_low"], group["period"],
+            group["gain_min"], group["gain_max"], group["zero_sum"],
+        )
+        for param in group["params"]:
+            if param.is_complex():
+                raise TypeError("ActiveLR does not support complex parameters")
+        # The clock is the group's, so boundaries fall on the same step for every parameter.
+        group.setdefault("active_step", 0)
+        group.setdefault("gain_changes", None)
+
+    def _active_states(self, group: dict) -> list[dict]:
+        return [self.state[p] for p in group["params"] if "gain" in self.state.get(p, {})]
+
+    def _tick(self, group: dict) -> None:
+        """Advance the group's clock; at a period boundary, adapt its gains."""
+        group["active_step"] += 1
+        if group["active_step"] % group["period"] == 0:
+            group["gain_changes"] = rule.end_period(self._active_states(group), group)
+            self._gain_stats_cache = None
+
+    # -- statistics -------------------------------------------------------------------------
+
+    def gain_stats(self) -> list[dict]:
+        """Per param group: ``min``, ``median`` (lower), ``mean``, ``max`` of the gains;
+        ``grew`` / ``shrank``: shares of elements whose gain grew (sign kept) or shrank (sign
+        flipped) at the last boundary; ``elements``; ``step`` (the group's clock); ``period``.
+
+        Gains change only at boundaries, so the figures are computed once per boundary and
+        cached: calling this at every logging step costs nothing in between.
+        """
+        cache = getattr(self, "_gain_stats_cache", None)
+        if cache is None:
+            cache = [
+                rule.gain_summary(
+                    [s["gain"] for s in self._active_states(group)], group.get("gain_changes")
+                )
+                for group in self.param_groups
+            ]
+            self._gain_stats_cache = cache
+        return [
+            {**stats, "step": group["active_step"], "period": group["period"]}
+            for stats, group in zip(cache, self.param_groups)
+        ]
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def _restore_active_state(self, state_dict: dict, previous_groups: list[dict]) -> None:
+        """Finish a ``load_state_dict``: gains and sums keep their own dtype (torch would cast
+        a bf16 parameter's float32 gains to bf16); groups saved by a plain optimizer get this
+        optimizer's ActiveLR settings and start with gains at 1."""
+        id_to_param = {
+            saved_id: param
+            for saved, group in zip(state_dict["param_groups"], self.param_groups)
+            for saved_id, param in zip(saved["params"], group["params"])
+        }
+        for saved_id, saved_state in state_dict["state"].items():
+            param = id_to_param.get(saved_id)
+            if param is None:
+                continue
+            for key in rule.ACTIVE_STATE_KEYS:
+                if key in saved_state:
+                    self.state[param][key] = saved_state[key].to(device=param.device, copy=True)
+        for group, previous in zip(self.param_groups, previous_groups):
+            for key, value in previous.items():
+                if key not in ("active_step", "gain_changes"):  # a plain group restarts the clock
+                    group.setdefault(key, value)
+            self._init_active_group(group)
+        self._gain_stats_cache = None

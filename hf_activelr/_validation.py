@@ -1,0 +1,81 @@
+"""Argument checks shared by every optimizer: clear errors, nothing silently corrected."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+PERIOD_HINT = (
+    "`period` is the number of optimizer steps between gain updates; the paper uses one epoch, "
+    "so pass e.g. period=len(train_dataloader) (optimizer steps per epoch, i.e. divided by "
+    "gradient accumulation), or use hf_activelr.ActiveTrainer, which sets it for you"
+)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_real(name: str, value, *, low=None, high=None, low_open=False, high_open=False):
+    """Check ``value`` is a finite real number in the given range; return it unchanged."""
+    value_to_check = value
+    interval = (
+        f"{'(' if low_open else '['}{'-inf' if low is None else low}, "
+        f"{'inf' if high is None else high}{')' if high_open or high is None else ']'}"
+    )
+    if not _is_real(value_to_check):
+        raise TypeError(f"{name} must be a real number in {interval}, got {value!r}")
+    if math.isnan(value_to_check) or math.isinf(value_to_check):
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value_to_check}")
+    if low is not None and (value_to_check <= low if low_open else value_to_check < low):
+        raise ValueError(f"{name} must be in {interval}, got {value_to_check}")
+    if high is not None and (value_to_check >= high if high_open else value_to_check > high):
+        raise ValueError(f"{name} must be in {interval}, got {value_to_check}")
+    return value
+
+
+def check_betas(betas, count: int = 2):
+    if not isinstance(betas, (tuple, list)) or len(betas) != count:
+        raise TypeError(f"betas must be a tuple of {count} numbers in [0, 1), got {betas!r}")
+    for index, beta in enumerate(betas):
+        check_real(f"betas[{index}]", beta, low=0.0, high=1.0, high_open=True)
+    return tuple(betas)
+
+
+def check_bool(name: str, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_period(period):
+    if period is None:
+        raise TypeError(f"missing required argument `period`: {PERIOD_HINT}")
+    if isinstance(period, bool) or not isinstance(period, numbers.Integral):
+        raise TypeError(f"period must be a positive int, got {period!r}. {PERIOD_HINT}")
+    if period < 1:
+        raise ValueError(f"period must be a positive int (>= 1), got {period}. {PERIOD_HINT}")
+    return int(period)
+
+
+def check_active_args(lr_high, lr_low, period, gain_min=None, gain_max=None, zero_sum="hold"):
+    """Validate the ActiveLR hyperparameters; returns them as a dict for a param group."""
+    from .rule import ZERO_SUM_POLICIES
+
+    check_real("lr_high", lr_high, low=0.0)
+    check_real("lr_low", lr_low, low=0.0, high=1.0, low_open=True)
+    period = check_period(period)
+    if gain_min is not None:
+        check_real("gain_min", gain_min, low=0.0, high=1.0, low_open=True)
+    if gain_max is not None:
+        check_real("gain_max", gain_max, low=1.0)
+    if zero_sum not in ZERO_SUM_POLICIES:
+        raise ValueError(f"zero_sum must be one of {ZERO_SUM_POLICIES}, got {zero_sum!r}")
+    return {
+        "lr_high": float(lr_high),
+        "lr_low": float(lr_low),
+        "period": period,
+        "gain_min": None if gain_min is None else float(gain_min),
+        "gain_max": None if gain_max is None else float(gain_max),
+        "zero_sum": zero_sum,
+    }

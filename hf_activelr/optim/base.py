@@ -1,0 +1,154 @@
+"""`ActiveOptimizer`: the class every Active variant derives from.
+
+It validates and holds state, keeps the period clock, and runs the ActiveLR rule
+(:mod:`hf_activelr.rule`) around the variant's base update. A variant supplies:
+
+- ``_check_group(group)``: validation of its own hyperparameters;
+- ``_init_base_state(param, state, group)``: the base optimizer's state, same keys as torch's;
+- ``_prepare(group, param, state) -> (tensors, scalars)`` and a pure ``_delta`` function:
+  the base update at gain 1 for one tensor. Run eagerly it is the single-tensor path (the
+  readable reference); compiled it is the fused path;
+- ``_foreach_delta(group, params, grads, states) -> (deltas, alpha)``: the multi-tensor path.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch.optim import Optimizer
+
+from .. import rule
+from .._fused import fused_step
+from .._validation import check_active_args, check_bool
+from .._mixin import ActiveMixin
+
+
+def _scalar_dtype():
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def new_step_counter() -> torch.Tensor:
+    """A per-parameter step count, stored as torch.optim stores it (loads either way)."""
+    return torch.tensor(0.0, dtype=_scalar_dtype())
+
+
+class ActiveOptimizer(ActiveMixin, Optimizer):
+    """Base class of the Active variants (see module docstring)."""
+
+    _base_state_key: str | None = None  # a key that marks the base state as initialised
+
+    def __init__(
+        self,
+        params,
+        defaults: dict,
+        *,
+        lr_high,
+        lr_low,
+        period,
+        gain_min=None,
+        gain_max=None,
+        zero_sum="hold",
+        foreach=None,
+        fused=None,
+    ):
+        active = check_active_args(lr_high, lr_low, period, gain_min, gain_max, zero_sum)
+        if foreach is not None:
+            check_bool("foreach", foreach)
+        if fused is not None:
+            check_bool("fused", fused)
+        if fused and foreach:
+            raise ValueError("fused=True and foreach=True are exclusive: pick one path")
+        defaults = {**defaults, **active, "foreach": foreach, "fused": fused}
+        super().__init__(params, defaults)
+
+    # -- groups -----------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+            self._init_active_group(self.param_groups[-1])
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def _check_group(self, group: dict) -> None:  # pragma: no cover - every variant overrides
+        raise NotImplementedError
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _init_base_state(self, param, state, group) -> None:
+        """Create the base optimizer's state (variants with lazily created state skip this)."""
+
+    def _state_for(self, param, group) -> dict:
+        state = self.state[param]
+        if self._base_state_key is not None and self._base_state_key not in state:
+            self._init_base_state(param, state, group)
+        rule.ensure_state(param, state, group["zero_sum"])
+        return state
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def _use_path(self, group) -> str:
+        if group["fused"]:
+            return "fused"
+        if group["foreach"] is False:
+            return "single"
+        return "foreach"
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step: the base update scaled per element by the gain (see rule)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, states = [], [], []
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients "
+                        "(e.g. nn.Embedding(sparse=True)); use dense gradients"
+                    )
+                params.append(param)
+                grads.append(param.grad)
+                states.append(self._state_for(param, group))
+            if params:
+                path = self._use_path(group)
+                if path == "foreach":
+                    for idx in _group_by_device_and_dtype(params):
+                        p_, g_, s_ = ([seq[i] for i in idx] for seq in (params, grads, states))
+                        deltas, alpha = self._foreach_delta(group, p_, g_, s_)
+                        rule.apply_foreach(
+                            p_, g_, [s["gain"] for s in s_], [s["grad_sum"] for s in s_],
+                            deltas, alpha,
+                        )
+                else:
+                    for param, grad, state in zip(params, grads, states):
+                        tensors, scalars = self._prepare(group, param, state)
+                        if path == "fused":
+                            fused_step(type(self)._delta, param, grad, state, tensors, scalars)
+                        else:
+                            delta = type(self)._delta(param, grad, *tensors, **scalars)
+                            rule.apply_single(
+                                param, grad, state["gain"], state["grad_sum"], delta
+                            )
+            self._tick(group)
+        return loss
+
+    def load_state_dict(self, state_dict) -> None:
+        previous = [dict(group) for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        self._restore_active_state(state_dict, previous)
+
+
+def _group_by_device_and_dtype(tensors) -> list[list[int]]:
+    """Indices of tensors that share a device and dtype (foreach kernels want that)."""
+    buckets: dict = defaultdict(list)
+    for index, tensor in enumerate(tensors):
+        buckets[(tensor.device, tensor.dtype)].append(index)
+    return list(buckets.values())

@@ -1,0 +1,113 @@
+"""`ActiveLR`: make any constructed torch optimizer Active.
+
+The gain scales the element's learning rate. For optimizers whose step is linear in ``lr``
+(SGD, Adam, AdamW, Adagrad, Lion, ... with decoupled weight decay scaled by ``lr``) that is
+``p_new = p_old + g * (p_base - p_old)``, where ``p_base`` is where the wrapped optimizer's
+own step takes the parameter. The wrapper remembers ``p_old``, lets the optimizer step, and
+scales the displacement: no knowledge of the optimizer's internals, so it works with third
+party optimizers too. It costs a copy of the stepped parameters per step; the built-in
+variants (``ActiveAdamW``, ...) fold the gain into their update instead.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch.optim import Optimizer
+
+from . import rule
+from ._mixin import ActiveMixin
+from ._validation import check_active_args
+
+
+class ActiveLR(ActiveMixin, Optimizer):
+    """ActiveLR (Wadi et al., arXiv 2301.10133) around ``optimizer``.
+
+    It is itself a ``torch.optim.Optimizer``: ``param_groups`` are the wrapped optimizer's
+    (schedulers move ``lr`` on both), ``state_dict`` holds the wrapped optimizer's state plus
+    ``gain`` and ``grad_sum`` per parameter, ``zero_grad`` and hooks work as usual.
+    ``lr_high``, ``lr_low``, ``period`` (and ``gain_min``, ``gain_max``, ``zero_sum``) are
+    stored in each param group.
+    """
+
+    def __init__(
+        self, optimizer: Optimizer, *, lr_high, lr_low, period=None, gain_min=None,
+        gain_max=None, zero_sum="hold",
+    ):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"optimizer must be a constructed torch.optim.Optimizer, got {type(optimizer)!r}"
+            )
+        if isinstance(optimizer, ActiveMixin):
+            raise TypeError(f"{type(optimizer).__name__} is already Active; do not wrap it again")
+        active = check_active_args(lr_high, lr_low, period, gain_min, gain_max, zero_sum)
+        self.optimizer = optimizer
+        super().__init__(optimizer.param_groups, {**optimizer.defaults, **active})
+        # One list of group dicts for both: schedulers and add_param_group see the same groups.
+        self.param_groups = optimizer.param_groups
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not any(param_group is group for group in self.optimizer.param_groups):
+            for key in ("lr_high", "lr_low", "period", "gain_min", "gain_max", "zero_sum"):
+                param_group.setdefault(key, self.defaults[key])
+            self.optimizer.add_param_group(param_group)
+            param_group = self.optimizer.param_groups[-1]
+        for key, value in self.defaults.items():
+            param_group.setdefault(key, value)
+        self._init_active_group(param_group)
+        if self.param_groups is not self.optimizer.param_groups:  # during __init__ only
+            self.param_groups.append(param_group)
+
+    def __repr__(self) -> str:
+        group = self.param_groups[0] if self.param_groups else {}
+        settings = ", ".join(f"{k}={group.get(k)}" for k in ("lr_high", "lr_low", "period"))
+        return f"ActiveLR({settings},\n{self.optimizer!r})"
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        stepped = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("ActiveLR does not support sparse gradients; use dense ones")
+            states = []
+            for param in params:
+                state = self.state[param]
+                rule.ensure_state(param, state, group["zero_sum"])
+                states.append(state)
+            if params:
+                # The raw gradients, before the wrapped optimizer may touch them.
+                torch._foreach_add_([s["grad_sum"] for s in states], [p.grad for p in params])
+                stepped.append((params, states, torch._foreach_mul(params, 1.0)))
+        self.optimizer.step()
+        for params, states, starts in stepped:
+            torch._foreach_sub_(params, starts)  # the wrapped optimizer's displacement
+            torch._foreach_mul_(params, [rule.decode_gain(s["gain"]) for s in states])
+            torch._foreach_add_(params, starts)
+        for group in self.param_groups:
+            self._tick(group)
+        return loss
+
+    def state_dict(self) -> dict:
+        """The wrapped optimizer's state dict with ``gain``/``grad_sum`` added per parameter."""
+        merged = self.optimizer.state_dict()
+        active = Optimizer.state_dict(self)
+        for index, state in active["state"].items():
+            merged["state"].setdefault(index, {}).update(state)
+        return merged
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        previous = [dict(group) for group in self.param_groups]
+        base_state = {
+            index: {k: v for k, v in state.items() if k not in rule.ACTIVE_STATE_KEYS}
+            for index, state in state_dict["state"].items()
+        }
+        self.optimizer.load_state_dict({**state_dict, "state": base_state})
+        self.param_groups = self.optimizer.param_groups
+        self.state = defaultdict(dict)
+        self._restore_active_state(state_dict, previous)
