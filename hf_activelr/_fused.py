@@ -14,6 +14,8 @@ import torch
 from . import rule
 
 _COMPILED: dict = {}
+# Graphs per variant: dtypes x options (amsgrad, rectified or not, ...) x flat or strided.
+_RECOMPILE_LIMIT = 64
 
 
 def _fused_step_impl(delta_fn, param, grad, gain, grad_sum, tensors, scalars):
@@ -32,15 +34,18 @@ def _compiled_for(delta_fn):
     return compiled
 
 
-def _flat(tensor):
-    return tensor.view(-1) if tensor is not None and tensor.is_contiguous() else tensor
+def _alias(tensor, flat: bool):
+    """A plain tensor on the same memory: Dynamo keeps nn.Parameter shapes static and guards
+    on a view's base, either of which would compile once per shape or rank."""
+    if tensor is None:
+        return None
+    return tensor.view(-1).detach() if flat else tensor.detach()
 
 
 def fused_step(delta_fn, param, grad, state, tensors, scalars) -> None:
     """Run ``delta_fn`` and the rule on one parameter as a single compiled kernel."""
     everything = (param, grad, state["gain"], state["grad_sum"], *tensors)
-    if all(t is None or t.is_contiguous() for t in everything):
-        param, grad, gain, grad_sum, *tensors = (_flat(t) for t in everything)
-    else:
-        gain, grad_sum = state["gain"], state["grad_sum"]
-    _compiled_for(delta_fn)(delta_fn, param, grad, gain, grad_sum, tuple(tensors), scalars)
+    flat = all(t is None or t.is_contiguous() for t in everything)
+    param, grad, gain, grad_sum, *tensors = (_alias(t, flat) for t in everything)
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        _compiled_for(delta_fn)(delta_fn, param, grad, gain, grad_sum, tuple(tensors), scalars)

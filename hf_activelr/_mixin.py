@@ -26,6 +26,11 @@ class ActiveMixin:
         group.setdefault("active_step", 0)
         group.setdefault("gain_changes", None)
 
+    def _ensure_active_state(self, param, state, zero_sum) -> None:
+        if "gain" not in state:
+            self._gain_stats_cache = None
+        rule.ensure_state(param, state, zero_sum)
+
     def _active_states(self, group: dict) -> list[dict]:
         return [self.state[p] for p in group["params"] if "gain" in self.state.get(p, {})]
 

@@ -48,14 +48,22 @@ class ActiveLR(ActiveMixin, Optimizer):
         self.param_groups = optimizer.param_groups
 
     def add_param_group(self, param_group: dict) -> None:
+        added = False
         if not any(param_group is group for group in self.optimizer.param_groups):
             for key in ("lr_high", "lr_low", "period", "gain_min", "gain_max", "zero_sum"):
                 param_group.setdefault(key, self.defaults[key])
             self.optimizer.add_param_group(param_group)
             param_group = self.optimizer.param_groups[-1]
+            added = True
         for key, value in self.defaults.items():
             param_group.setdefault(key, value)
-        self._init_active_group(param_group)
+        try:
+            self._init_active_group(param_group)
+        except (TypeError, ValueError):
+            if added:
+                self.optimizer.param_groups.pop()
+            raise
+        self._gain_stats_cache = None
         if self.param_groups is not self.optimizer.param_groups:  # during __init__ only
             self.param_groups.append(param_group)
 
@@ -78,7 +86,7 @@ class ActiveLR(ActiveMixin, Optimizer):
             states = []
             for param in params:
                 state = self.state[param]
-                rule.ensure_state(param, state, group["zero_sum"])
+                self._ensure_active_state(param, state, group["zero_sum"])
                 states.append(state)
             if params:
                 # The raw gradients, before the wrapped optimizer may touch them.

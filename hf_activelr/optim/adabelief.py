@@ -54,17 +54,17 @@ def adabelief_delta(
     exp_avg_var.mul_(beta2).addcmul_(residual, residual, value=1 - beta2).add_(eps)
     if max_exp_avg_var is not None:  # amsgrad
         max_exp_avg_var.copy_(torch.maximum(max_exp_avg_var, exp_avg_var))
-        denom = max_exp_avg_var.sqrt() / bias_correction2_sqrt + eps
-    else:
-        denom = exp_avg_var.sqrt() / bias_correction2_sqrt + eps
-    if step_size is None:
+    if step_size is None:  # rectified, not yet usable, no SGD fallback: no update
         delta = torch.zeros_like(exp_avg)
-    elif not adaptive:
+    elif not adaptive:  # rectified, not yet usable: SGD with momentum
         delta = exp_avg * (-step_size * lr)
+    elif rectify:
+        # The reference's rectified step uses exp_avg_var even with amsgrad; step_size
+        # already holds sqrt(bias_correction2).
+        delta = exp_avg / (exp_avg_var.sqrt() + eps) * (-step_size * lr)
     else:
-        if rectify:
-            # The reference's rectified step uses exp_avg_var even with amsgrad, unscaled.
-            denom = exp_avg_var.sqrt() + eps
+        second = exp_avg_var if max_exp_avg_var is None else max_exp_avg_var
+        denom = second.sqrt() / bias_correction2_sqrt + eps
         delta = exp_avg / denom * (-step_size * lr)
     return delta if decay is None else delta - decay
 
@@ -129,7 +129,9 @@ class ActiveAdaBelief(ActiveOptimizer):
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], weight_decouple=group["weight_decouple"],
             fixed_decay=group["fixed_decay"], rectify=group["rectify"],
-            bias_correction2_sqrt=math.sqrt(1 - beta2**step),
+            # Only the unrectified step uses it (an unused float would be baked into the
+            # compiled kernel, which then recompiles every step).
+            bias_correction2_sqrt=None if group["rectify"] else math.sqrt(1 - beta2**step),
             step_size=step_size, adaptive=adaptive,
         )
         return (state["exp_avg"], state["exp_avg_var"], max_exp_avg_var), scalars

@@ -69,6 +69,7 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
         try:
             self._check_group(self.param_groups[-1])
             self._init_active_group(self.param_groups[-1])
+            self._gain_stats_cache = None
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -85,7 +86,7 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
         state = self.state[param]
         if self._base_state_key is not None and self._base_state_key not in state:
             self._init_base_state(param, state, group)
-        rule.ensure_state(param, state, group["zero_sum"])
+        self._ensure_active_state(param, state, group["zero_sum"])
         return state
 
     # -- the step ---------------------------------------------------------------------------
