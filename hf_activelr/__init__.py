@@ -15,9 +15,27 @@ from .optim import (
     ActiveRAdam,
     ActiveSGD,
 )
+from .registry import available_optimizers, register
 from .wrapper import ActiveLR
 
 __version__ = "0.1.0"
+
+
+def _install_transformers_integration() -> None:
+    """``import hf_activelr`` makes ``TrainingArguments(optim="active_adamw")`` valid."""
+    import warnings
+
+    from .integrations import transformers_patch
+
+    try:
+        transformers_patch.install()
+    except transformers_patch.IntegrationError as error:
+        warnings.warn(str(error), stacklevel=3)
+
+
+_install_transformers_integration()
+
+from .trainer import ActivePeriodCallback, ActiveTrainer  # noqa: E402
 
 __all__ = [
     "ActiveAdaBelief",
@@ -25,7 +43,11 @@ __all__ = [
     "ActiveAdamW",
     "ActiveLR",
     "ActiveOptimizer",
+    "ActivePeriodCallback",
+    "ActiveTrainer",
     "ActiveRAdam",
     "ActiveSGD",
     "__version__",
+    "available_optimizers",
+    "register",
 ]

@@ -4,7 +4,7 @@ period clock and boundary, gain statistics, and loading state without damaging t
 from __future__ import annotations
 
 from . import rule
-from ._validation import check_active_args
+from ._validation import EPOCH, check_active_args, check_period
 
 
 class ActiveMixin:
@@ -30,6 +30,25 @@ class ActiveMixin:
         if "gain" not in state:
             self._gain_stats_cache = None
         rule.ensure_state(param, state, zero_sum)
+
+    def set_period(self, period: int, *, only_epoch: bool = True) -> None:
+        """Set ``period`` (optimizer steps) on the groups that asked for ``"epoch"`` (or on all
+        groups with ``only_epoch=False``). The Trainer integration calls it at train start."""
+        period = check_period(period, allow_epoch=False)
+        for group in self.param_groups:
+            if group["period"] == EPOCH or not only_epoch:
+                group["period"] = period
+        self._gain_stats_cache = None
+
+    def _check_period_set(self) -> None:
+        for group in self.param_groups:
+            if group["period"] == EPOCH:
+                raise RuntimeError(
+                    "period='epoch' has not been set to a number of steps: it is set at train "
+                    "start by hf_activelr.ActiveTrainer or by the stock transformers Trainer "
+                    "after `import hf_activelr`; in a custom loop call "
+                    "optimizer.set_period(len(train_dataloader)) or pass period=N"
+                )
 
     def _active_states(self, group: dict) -> list[dict]:
         return [self.state[p] for p in group["params"] if "gain" in self.state.get(p, {})]

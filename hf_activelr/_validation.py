@@ -48,11 +48,21 @@ def check_bool(name: str, value):
     return value
 
 
-def check_period(period):
+EPOCH = "epoch"
+
+
+def check_period(period, allow_epoch: bool = True):
+    """A positive int, or ``"epoch"``: one epoch of optimizer updates, which the training loop
+    (``ActiveTrainer``, or the stock Trainer once hf_activelr is imported) sets at train start."""
     if period is None:
         raise TypeError(f"missing required argument `period`: {PERIOD_HINT}")
+    if period == EPOCH and allow_epoch:
+        return period
     if isinstance(period, bool) or not isinstance(period, numbers.Integral):
-        raise TypeError(f"period must be a positive int, got {period!r}. {PERIOD_HINT}")
+        raise TypeError(
+            f"period must be a positive int (or 'epoch' under a Trainer), got {period!r}. "
+            f"{PERIOD_HINT}"
+        )
     if period < 1:
         raise ValueError(f"period must be a positive int (>= 1), got {period}. {PERIOD_HINT}")
     return int(period)

@@ -74,6 +74,7 @@ class ActiveLR(ActiveMixin, Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        self._check_period_set()
         loss = None
         if closure is not None:
             with torch.enable_grad():

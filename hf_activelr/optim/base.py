@@ -101,6 +101,7 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step: the base update scaled per element by the gain (see rule)."""
+        self._check_period_set()
         loss = None
         if closure is not None:
             with torch.enable_grad():

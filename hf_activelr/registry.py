@@ -1,0 +1,142 @@
+"""One registry from optimizer names to classes, shared by the Trainer integration and the CLI.
+
+``register(name, optimizer_cls, **defaults)`` adds a name; with transformers installed it
+becomes a valid ``TrainingArguments(optim=...)`` and ``--optim`` choice at once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .optim import ActiveAdaBelief, ActiveAdaBound, ActiveAdamW, ActiveRAdam, ActiveSGD
+
+# ActiveLR options accepted in ``optim_args`` besides the class's own keyword arguments.
+ACTIVE_OPTION_TYPES = {
+    "lr_high": float, "lr_low": float, "period": int, "gain_min": float, "gain_max": float,
+    "zero_sum": str, "fused": bool, "foreach": bool,
+}
+# Arguments the Trainer fills in from TrainingArguments; optim_args may not repeat them.
+TRAINER_ARGUMENTS = ("params", "lr", "betas", "eps", "weight_decay")
+
+
+@dataclass(frozen=True)
+class RegisteredOptimizer:
+    """A registry entry: the class, the defaults the name implies, and its description."""
+
+    name: str
+    optimizer_cls: type
+    defaults: dict = field(default_factory=dict)
+
+    @property
+    def description(self) -> str:
+        doc = inspect.getdoc(self.optimizer_cls) or ""
+        return doc.splitlines()[0] if doc else self.optimizer_cls.__name__
+
+    def accepted_options(self) -> dict[str, type]:
+        """Keys ``optim_args`` may set, with the type their string value is parsed to."""
+        options = dict(ACTIVE_OPTION_TYPES)
+        for name, parameter in inspect.signature(self.optimizer_cls).parameters.items():
+            if name in TRAINER_ARGUMENTS or parameter.kind in (
+                parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD
+            ):
+                continue
+            default = parameter.default
+            if name not in options:
+                options[name] = type(default) if isinstance(default, (bool, int, float, str)) \
+                    else float
+        return options
+
+
+_REGISTRY: dict[str, RegisteredOptimizer] = {}
+_LISTENERS: list = []  # called with each new entry (the transformers integration)
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def register(name: str, optimizer_cls, **defaults) -> RegisteredOptimizer:
+    """Register ``optimizer_cls`` under ``name`` (lowercase letters, digits, ``_``), with
+    ``defaults`` passed to it unless the user overrides them (e.g. ``amsbound=True``)."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"optimizer name must match {_NAME.pattern}, got {name!r}")
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+        raise TypeError(
+            f"optimizer_cls must be a torch.optim.Optimizer subclass, got {optimizer_cls!r}"
+        )
+    if name in _REGISTRY and _REGISTRY[name].optimizer_cls is not optimizer_cls:
+        raise ValueError(
+            f"optimizer name {name!r} is already registered to "
+            f"{_REGISTRY[name].optimizer_cls.__name__}"
+        )
+    entry = RegisteredOptimizer(name, optimizer_cls, dict(defaults))
+    unknown = set(defaults) - set(entry.accepted_options())
+    if unknown:
+        raise TypeError(
+            f"unknown defaults {sorted(unknown)} for {optimizer_cls.__name__}; "
+            f"valid: {sorted(entry.accepted_options())}"
+        )
+    _REGISTRY[name] = entry
+    for listener in _LISTENERS:
+        listener(entry)
+    return entry
+
+
+def available_optimizers() -> list[str]:
+    """The registered names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> RegisteredOptimizer:
+    """The entry for ``name``; an unknown name is an error listing the valid ones."""
+    key = getattr(name, "value", name)  # an OptimizerNames member
+    if key not in _REGISTRY:
+        raise ValueError(
+            f"unknown ActiveLR optimizer {key!r}; available: {', '.join(available_optimizers())}"
+        )
+    return _REGISTRY[key]
+
+
+def parse_options(entry: RegisteredOptimizer, options: dict[str, str]) -> dict:
+    """Turn ``optim_args`` strings (``"lr_high=0.05,period=200"``) into typed keyword args."""
+    accepted = entry.accepted_options()
+    parsed = {}
+    for key, text in options.items():
+        if key not in accepted:
+            raise ValueError(
+                f"unknown optim_args key {key!r} for {entry.name}; valid keys: "
+                f"{', '.join(sorted(accepted))} (lr, betas, eps and weight_decay come from "
+                "TrainingArguments)"
+            )
+        parsed[key] = _parse_value(key, text, accepted[key])
+    return parsed
+
+
+def _parse_value(key: str, text, kind: type):
+    if not isinstance(text, str):
+        return text
+    if text.lower() == "none":
+        return None
+    if kind is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"optim_args {key}={text!r}: expected true or false")
+    if key == "period" and text == "epoch":
+        return text
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"optim_args {key}={text!r}: expected a {kind.__name__}") from None
+
+
+# Built-in names. ActiveSGD and ActiveAdaBound have no published ActiveLR settings: they get
+# the conservative RAdam/AdaBelief ones (lr_high=0.05, lr_low=0.95).
+register("active_sgd", ActiveSGD, lr_high=0.05, lr_low=0.95)
+register("active_adamw", ActiveAdamW)
+register("active_radam", ActiveRAdam)
+register("active_adabelief", ActiveAdaBelief)
+register("active_adabound", ActiveAdaBound, lr_high=0.05, lr_low=0.95)
+register("active_amsbound", ActiveAdaBound, lr_high=0.05, lr_low=0.95, amsbound=True)
