@@ -1,4 +1,5 @@
-"""The ``hf-activelr`` command: ``list`` the optimizers, ``run`` a training script with them."""
+"""The ``hf-activelr`` command: ``list`` the optimizers, ``run`` a training script with them,
+``compare`` optimizers on a recipe."""
 
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ def _run(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from .compare import compare
+
+    compare(args.script, args.optims, args.output_dir, args.script_args,
+            args.accelerate_config, args.force)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-activelr", description="ActiveLR optimizers for the Hugging Face Trainer."
@@ -39,11 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("script", help="a training script (HfArgumentParser + Trainer)")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's arguments")
     run.set_defaults(func=_run)
+    compare = commands.add_parser(
+        "compare", help="run a recipe with several optimizers, same data and seed, and compare",
+        description="Run SCRIPT once per optimizer; print a side-by-side table; plot. "
+        "Arguments after -- go to every run.",
+    )
+    compare.add_argument("script", help="a recipe script (writes results.json)")
+    compare.add_argument("--optims", nargs="+", default=["active_adamw", "adamw_torch"])
+    compare.add_argument("--output_dir", default="outputs/compare")
+    compare.add_argument("--accelerate_config", help="launch each run with accelerate")
+    compare.add_argument("--force", action="store_true", help="redo finished runs")
+    compare.set_defaults(func=_compare, script_args=[])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    script_args = []
+    if argv[:1] == ["compare"] and "--" in argv:  # compare ... -- ARGS FOR EVERY RUN
+        split = argv.index("--")
+        argv, script_args = argv[:split], argv[split + 1:]
     args = build_parser().parse_args(argv)
+    if args.command == "compare":
+        args.script_args = script_args
     return args.func(args)
 
 

@@ -1,0 +1,76 @@
+"""Data the recipes use when the Hugging Face Hub cannot be reached: nothing is downloaded.
+
+- :func:`python_docs_corpus`: real English prose that ships with every CPython: the reference
+  documentation topics in ``pydoc_data.topics`` (what ``help("assert")`` prints) and the
+  docstrings (>= 200 characters) of the standard library's modules, classes and functions,
+  read from its source with ``ast`` (nothing is imported). About 1.7 MB on Python 3.11; the
+  exact text depends on the Python version. Documents are split 90/10 into train/validation
+  by a stable hash of their text.
+- :func:`train_tokenizer`: a byte-level BPE tokenizer trained locally with ``tokenizers``.
+- :func:`digits_images`: scikit-learn's 8x8 handwritten digits (shipped with the package).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import pathlib
+import sysconfig
+
+_SKIP_PARTS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo"}
+
+
+def _stdlib_docstrings(min_chars: int) -> list[str]:
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    documents = []
+    for path in sorted(root.rglob("*.py")):
+        if _SKIP_PARTS.intersection(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= min_chars:
+                    documents.append(doc)
+    return documents
+
+
+def python_docs_corpus(min_chars: int = 200) -> dict[str, list[str]]:
+    """``{"train": [...], "validation": [...]}``: English documents from the Python install."""
+    from pydoc_data.topics import topics
+
+    documents = [topics[key] for key in sorted(topics)] + _stdlib_docstrings(min_chars)
+    splits: dict[str, list[str]] = {"train": [], "validation": []}
+    for document in documents:
+        bucket = hashlib.sha1(document.encode("utf-8")).digest()[0] % 10
+        splits["validation" if bucket == 0 else "train"].append(document)
+    return splits
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 2048):
+    """A GPT-2-style byte-level BPE tokenizer trained on ``texts`` (seconds on a CPU)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>", pad_token="<|endoftext|>",
+    )
+
+
+def digits_images():
+    """scikit-learn's digits as (images float32 [N, 1, 8, 8] in [0, 1], labels int64 [N])."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
+    return images, digits.target.astype(np.int64)
