@@ -137,10 +137,54 @@ class ActiveAdaBelief(ActiveOptimizer):
         return (state["exp_avg"], state["exp_avg_var"], max_exp_avg_var), scalars
 
     def _foreach_delta(self, group, params, grads, states):
-        # AdaBelief's per-step branches (rectification, fp16 upcast) make its multi-tensor
-        # form a loop over the single-tensor update; the fused path is its fast path.
-        deltas = []
-        for param, grad, state in zip(params, grads, states):
-            tensors, scalars = self._prepare(group, param, state)
-            deltas.append(adabelief_delta(param, grad, *tensors, **scalars))
-        return deltas, 1.0
+        beta1, beta2 = group["betas"]
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_vars = [s["exp_avg_var"] for s in states]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        if exp_avgs[0].dtype != grads[0].dtype:  # fp16 parameters: float32 state and math
+            grads = [g.to(exp_avgs[0].dtype) for g in grads]
+        if group["weight_decouple"]:
+            if group["fixed_decay"]:
+                torch._foreach_mul_(params, 1.0 - weight_decay)
+        elif weight_decay != 0:
+            grads = torch._foreach_add(grads, [p.to(grads[0].dtype) for p in params],
+                                       alpha=weight_decay)
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+        delta = torch._foreach_sub(grads, exp_avgs)  # the residual, then the update in place
+        torch._foreach_mul_(exp_avg_vars, beta2)
+        torch._foreach_addcmul_(exp_avg_vars, delta, delta, 1 - beta2)
+        torch._foreach_add_(exp_avg_vars, eps)
+        second = exp_avg_vars
+        if group["amsgrad"]:
+            second = [s["max_exp_avg_var"] for s in states]
+            torch._foreach_maximum_(second, exp_avg_vars)
+        if group["rectify"]:  # the rectified step ignores amsgrad's max, as the reference does
+            second = exp_avg_vars
+        sizes = [
+            adabelief_step_size(float(s), beta1, beta2, group["rectify"],
+                                group["degenerated_to_sgd"])
+            for s in steps
+        ]
+        adaptive = [i for i, (size, is_adaptive) in enumerate(sizes) if is_adaptive]
+        if adaptive:
+            denom = torch._foreach_sqrt([second[i] for i in adaptive])
+            if not group["rectify"]:
+                torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** float(steps[i]))
+                                            for i in adaptive])
+            torch._foreach_add_(denom, eps)
+            ratios = torch._foreach_div([exp_avgs[i] for i in adaptive], denom)
+            torch._foreach_copy_([delta[i] for i in adaptive], ratios)
+            del denom, ratios
+        for i, (size, is_adaptive) in enumerate(sizes):
+            if size is None:
+                delta[i].zero_()
+            elif not is_adaptive:
+                delta[i].copy_(exp_avgs[i])
+        torch._foreach_mul_(delta, [0.0 if size is None else -size * lr for size, _ in sizes])
+        if group["weight_decouple"] and not group["fixed_decay"] and weight_decay != 0:
+            torch._foreach_add_(delta, [p.to(delta[0].dtype) for p in params],
+                                alpha=-lr * weight_decay)
+        return delta, 1.0

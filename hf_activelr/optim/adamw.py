@@ -93,12 +93,12 @@ class ActiveAdamW(ActiveOptimizer):
             second = [s["max_exp_avg_sq"] for s in states]
             torch._foreach_maximum_(second, exp_avg_sqs)
         step_values = [float(s) for s in steps]
-        # One temporary, as torch's foreach AdamW: denom, then the update in place.
-        delta = torch._foreach_sqrt(second)
-        torch._foreach_div_(delta, [math.sqrt(1 - beta2**s) for s in step_values])
-        torch._foreach_add_(delta, eps)
-        torch._foreach_reciprocal_(delta)
-        torch._foreach_mul_(delta, exp_avgs)
+        denom = torch._foreach_sqrt(second)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2**s) for s in step_values])
+        torch._foreach_add_(denom, eps)
+        # Divide (not multiply by a reciprocal, which overflows in float16 where denom < 2^-16).
+        delta = torch._foreach_div(exp_avgs, denom)
+        del denom
         torch._foreach_mul_(delta, [-lr / (1 - beta1**s) for s in step_values])
         if weight_decay != 0:
             torch._foreach_add_(delta, params, alpha=-lr * weight_decay)

@@ -109,20 +109,22 @@ class ActiveRAdam(ActiveOptimizer):
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
         step_values = [float(s) for s in steps]
         rects = [radam_rectification(s, beta2) for s in step_values]
-        # Per element: delta = m * c, with c = -lr / bc1 * (r_t * sqrt(bc2) / (sqrt(v) + eps)).
-        delta = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_add_(delta, eps)
-        torch._foreach_reciprocal_(delta)
+        # Per element: delta = m * c / (sqrt(v) + eps) with c = -lr / bc1 * r_t * sqrt(bc2) once
+        # rectified, delta = m * c with c = -lr / bc1 before. Divide: a reciprocal overflows
+        # in float16.
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denom, eps)
+        delta = torch._foreach_div(exp_avgs, denom)
+        del denom
         factors = []
         for i, (step, rect) in enumerate(zip(step_values, rects)):
             scale = -lr / (1 - beta1**step)
             if rect is None:  # not rectified yet: plain momentum step
-                delta[i].fill_(1.0)
+                delta[i].copy_(exp_avgs[i])
                 factors.append(scale)
             else:
                 factors.append(scale * rect * math.sqrt(1 - beta2**step))
         torch._foreach_mul_(delta, factors)
-        torch._foreach_mul_(delta, exp_avgs)
         if weight_decay != 0 and group["decoupled_weight_decay"]:
             torch._foreach_add_(delta, params, alpha=-lr * weight_decay)
         return delta, 1.0
