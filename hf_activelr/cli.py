@@ -33,6 +33,18 @@ def _compare(args) -> int:
     return 0
 
 
+def _card(args) -> int:
+    from .model_card import card_from_checkpoint
+
+    sweep = open(args.sweep_table).read() if args.sweep_table else None
+    card, folder = card_from_checkpoint(args.checkpoint_dir, repo_id=args.repo_id,
+                                        sweep_table=sweep)
+    output = args.output or str(folder / "README.md")
+    card.save(output)
+    print(f"wrote {output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-activelr", description="ActiveLR optimizers for the Hugging Face Trainer."
@@ -59,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--accelerate_config", help="launch each run with accelerate")
     compare.add_argument("--force", action="store_true", help="redo finished runs")
     compare.set_defaults(func=_compare, script_args=[])
+    card = commands.add_parser(
+        "card", help="render or refresh the model card of a saved checkpoint",
+        description="Write README.md (a Hub model card) from CHECKPOINT_DIR: trainer_state.json, "
+        "optimizer.pt, training_args.bin and activelr_run.json; no re-training.",
+    )
+    card.add_argument("checkpoint_dir", help="a checkpoint folder (or an output_dir holding them)")
+    card.add_argument("--output", help="where to write the card (default: CHECKPOINT/README.md)")
+    card.add_argument("--repo_id", help="the Hub repository name used in the card")
+    card.add_argument("--sweep_table", help="a markdown LR-sweep table to include")
+    card.set_defaults(func=_card)
     return parser
 
 

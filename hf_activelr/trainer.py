@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import sys
 
 from transformers import Trainer, TrainerCallback
 
@@ -51,20 +54,84 @@ class ActivePeriodCallback(TrainerCallback):
         active.set_period(updates_per_epoch(train_dataloader, args.gradient_accumulation_steps))
 
 
+class _RunRecordCallback(TrainerCallback):
+    """Saves the run record (command, task, data) beside every checkpoint, for model cards."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                self.trainer.write_run_record(folder)
+
+
 class ActiveTrainer(Trainer):
     """``transformers.Trainer`` for Active optimizers.
 
     - ``period`` not given: one epoch of optimizer updates (dataloader length per process, over
       gradient accumulation; ``max_steps``-only runs too), as in the paper;
     - gain statistics (min, median, mean, max, shares grown / shrunk at the last boundary) are
-      added to every training log, per param group, so they reach ``report_to`` backends.
+      added to every training log, per param group, so they reach ``report_to`` backends;
+    - parameter names are kept in the optimizer's param groups (``param_names``), and a run
+      record (``activelr_run.json``: command, task, model, data) is saved with checkpoints, so
+      ``create_model_card`` / ``push_to_hub`` / ``hf-activelr card`` describe the run.
+
+    ``run_info``: facts for the model card, e.g. ``{"task": "causal-lm", "data": "wikitext",
+    "base_model": "gpt2", "model_name": "gpt2-wikitext-activelr"}``.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, run_info: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.run_info = {"command": " ".join(["python", *sys.argv]), **(run_info or {})}
         if not any(isinstance(cb, ActivePeriodCallback)
                    for cb in self.callback_handler.callbacks):
             self.add_callback(ActivePeriodCallback)
+        self.add_callback(_RunRecordCallback(self))
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        names = {id(p): n for n, p in (model or self.model).named_parameters()}
+        for group in optimizer.param_groups:
+            if "param_names" not in group and all(id(p) in names for p in group["params"]):
+                group["param_names"] = [names[id(p)] for p in group["params"]]
+        return optimizer
+
+    def write_run_record(self, folder: str) -> None:
+        from .model_card import RUN_RECORD
+
+        active = unwrap_active(self.optimizer)
+        record = {"optim": str(getattr(self.args.optim, "value", self.args.optim)),
+                  "optimizer_class": type(active).__name__ if active is not None else None,
+                  **self.run_info}
+        with open(os.path.join(folder, RUN_RECORD), "w") as handle:
+            json.dump(record, handle, indent=2, default=str)
+
+    def create_model_card(self, model_name=None, *args, sweep_table=None, **kwargs):
+        """Write the ActiveLR model card (README.md) to ``output_dir``; ``push_to_hub`` calls
+        this before uploading. Extra keyword arguments of the stock signature are accepted."""
+        from .model_card import build_card
+
+        if not self.is_world_process_zero():
+            return None
+        active = unwrap_active(self.optimizer)
+        run = dict(self.run_info)
+        if model_name:
+            run["model_name"] = model_name
+        run.setdefault("optim", str(getattr(self.args.optim, "value", self.args.optim)))
+        config = getattr(getattr(self.model, "config", None), "to_dict", lambda: None)()
+        card = build_card(
+            log_history=self.state.log_history, training_args=self.args.to_dict(),
+            optimizer_state=active.state_dict() if active is not None else {},
+            optimizer_class=type(active).__name__ if active is not None else "",
+            run=run, model_config=config, is_adapter=hasattr(self.model, "peft_config"),
+            repo_id=self.args.hub_model_id, sweep_table=sweep_table,
+        )
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+        self.write_run_record(self.args.output_dir)
+        return card
 
     def gain_log(self) -> dict:
         """Gain statistics as flat log entries: ``gain/group{i}/{stat}``."""
