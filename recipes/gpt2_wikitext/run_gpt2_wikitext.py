@@ -144,6 +144,9 @@ def main(argv=None) -> dict:
     trainer = hf_activelr.ActiveTrainer(
         model=model, args=training_args, train_dataset=data["train"],
         eval_dataset=data["validation"], data_collator=default_data_collator,
+        run_info={"task": "causal-lm", "data": source, "base_model": model_args.model_name_or_path,
+                  "facts": {"parameters": sum(p.numel() for p in model.parameters()),
+                            "block size": block_size, "model": model_source}},
     )
     start = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -171,6 +174,7 @@ def main(argv=None) -> dict:
         if training_args.should_save:
             trainer.save_model()
             tokenizer.save_pretrained(training_args.output_dir)
+            trainer.create_model_card(model_name=os.path.basename(training_args.output_dir))
     return metrics
 
 
