@@ -15,6 +15,7 @@ from .optim import (
     ActiveRAdam,
     ActiveSGD,
 )
+from .distributed import check_consistent, consistency_report
 from .registry import available_optimizers, register
 from .wrapper import ActiveLR
 
@@ -49,5 +50,7 @@ __all__ = [
     "ActiveSGD",
     "__version__",
     "available_optimizers",
+    "check_consistent",
+    "consistency_report",
     "register",
 ]

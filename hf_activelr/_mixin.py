@@ -3,6 +3,8 @@ period clock and boundary, gain statistics, and loading state without damaging t
 
 from __future__ import annotations
 
+import torch
+
 from . import rule
 from ._validation import EPOCH, check_active_args, check_period
 
@@ -85,6 +87,47 @@ class ActiveMixin:
         ]
 
     # -- loading ----------------------------------------------------------------------------
+
+    _base_state_keys: frozenset | None = None  # None: any (the wrapper's inner optimizer)
+
+    def _validate_state_dict(self, state_dict) -> None:
+        """Refuse a state dict that does not fit, before anything is loaded: nothing is lost."""
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(
+                f"not an optimizer state dict (expected keys 'state' and 'param_groups'), got "
+                f"{type(state_dict).__name__}" + (f" with keys {sorted(state_dict)[:8]}"
+                                                   if isinstance(state_dict, dict) else "")
+            )
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(
+            len(saved["params"]) != len(group["params"])
+            for saved, group in zip(groups, self.param_groups)
+        ):
+            raise ValueError(
+                f"{name}: the state dict has {len(groups)} param groups of sizes "
+                f"{[len(g['params']) for g in groups]}, this optimizer "
+                f"{[len(g['params']) for g in self.param_groups]}: it belongs to another model"
+            )
+        allowed = None
+        if self._base_state_keys is not None:
+            allowed = self._base_state_keys | set(rule.ACTIVE_STATE_KEYS)
+        for saved, group in zip(groups, self.param_groups):
+            for saved_id, param in zip(saved["params"], group["params"]):
+                state = state_dict["state"].get(saved_id, {})
+                if allowed is not None and not set(state) <= allowed:
+                    raise ValueError(
+                        f"{name}: the state of parameter {saved_id} has keys "
+                        f"{sorted(set(state) - allowed)} that {name} does not keep (it keeps "
+                        f"{sorted(allowed)}): the state was saved by another optimizer"
+                    )
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                        raise ValueError(
+                            f"{name}: state[{key!r}] of parameter {saved_id} has shape "
+                            f"{tuple(value.shape)}, the parameter {tuple(param.shape)}: the "
+                            "state belongs to another model"
+                        )
 
     def _restore_active_state(self, state_dict: dict, previous_groups: list[dict]) -> None:
         """Finish a ``load_state_dict``: gains and sums keep their own dtype (torch would cast

@@ -27,6 +27,10 @@ older sign when either sum is zero. ``"flip"`` is the authors' reference behavio
 (``prev * s <= 0`` is a flip), so a zero sum shrinks the gain; signs are compared, not their
 product, which underflows to zero for tiny sums.
 
+Non-finite gradients: a period sum that is NaN counts as zero (gain held, sign kept) and
+restarts at the next period; an infinite sum keeps its sign. The boundary reports how many
+sums were not finite (``gain_stats()[i]["nonfinite"]``).
+
 Gains never reach zero or a subnormal: they are floored at the smallest normal number of the
 state dtype (or ``gain_min``), so an element can always grow back and never slows the step.
 """
@@ -117,13 +121,16 @@ def end_period(states: Iterable[dict], group: dict) -> dict:
     """
     lr_high, lr_low = group["lr_high"], group["lr_low"]
     zero_sum = group["zero_sum"]
-    grew = shrank = total = 0
+    grew = shrank = total = nonfinite = 0
     for state in states:
         packed, grad_sum = state["gain"], state["grad_sum"]
         floor = torch.finfo(packed.dtype).tiny
         low = floor if group["gain_min"] is None else max(group["gain_min"], floor)
         high = math.inf if group["gain_max"] is None else group["gain_max"]
-        cur = torch.sign(grad_sum)
+        # A NaN sum (a NaN gradient in the period) carries no sign: it is held like a zero sum,
+        # and the sum restarts below, so one bad gradient does not poison the gain for good.
+        finite = torch.isfinite(grad_sum)
+        cur = torch.sign(grad_sum).nan_to_num_(nan=0.0)
         gain = decode_gain(packed)
         if zero_sum == "hold":
             prev = torch.sign(packed)
@@ -145,8 +152,9 @@ def end_period(states: Iterable[dict], group: dict) -> dict:
         grad_sum.zero_()
         grew += int(agree.sum())
         shrank += int(flip.sum())
+        nonfinite += int((~finite).sum())
         total += packed.numel()
-    return {"grew": grew, "shrank": shrank, "elements": total}
+    return {"grew": grew, "shrank": shrank, "elements": total, "nonfinite": nonfinite}
 
 
 # --- reading the gains -------------------------------------------------------------------
@@ -157,13 +165,14 @@ def gain_summary(gains: list[torch.Tensor], changes: dict | None) -> dict:
     if not gains:
         return {
             "min": 1.0, "median": 1.0, "mean": 1.0, "max": 1.0,
-            "grew": 0.0, "shrank": 0.0, "elements": 0,
+            "grew": 0.0, "shrank": 0.0, "elements": 0, "nonfinite": 0,
         }
     flat = torch.cat([decode_gain(g).reshape(-1).float() for g in gains])
     elements = flat.numel()
     changes = changes or {}
     total = max(changes.get("elements", 0), 1)
     return {
+        "nonfinite": changes.get("nonfinite", 0),
         "min": flat.min().item(),
         "median": flat.median().item(),
         "mean": flat.double().mean().item(),

@@ -55,12 +55,17 @@ class ActivePeriodCallback(TrainerCallback):
 
 
 class _RunRecordCallback(TrainerCallback):
-    """Saves the run record (command, task, data) beside every checkpoint, for model cards."""
+    """At every save: checks the ActiveLR state is the same on all ranks (raises if not), and
+    saves the run record (command, task, data) beside the checkpoint, for model cards."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
+        from .distributed import check_consistent
+
+        if self.trainer.optimizer is not None and unwrap_active(self.trainer.optimizer):
+            check_consistent(self.trainer.optimizer)  # every rank, before a bad state is kept
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):

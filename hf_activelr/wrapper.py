@@ -111,6 +111,7 @@ class ActiveLR(ActiveMixin, Optimizer):
         return merged
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._validate_state_dict(state_dict)
         previous = [dict(group) for group in self.param_groups]
         base_state = {
             index: {k: v for k, v in state.items() if k not in rule.ACTIVE_STATE_KEYS}

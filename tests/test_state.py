@@ -326,7 +326,7 @@ def test_load_plain_adamw_state_dict_then_gains_move():
 
 # --- gain_stats --------------------------------------------------------------------------
 
-STATS_KEYS = {"min", "median", "mean", "max", "grew", "shrank", "elements", "step", "period"}
+STATS_KEYS = {"nonfinite", "min", "median", "mean", "max", "grew", "shrank", "elements", "step", "period"}
 
 
 def _direct_summary(before, after):

@@ -79,6 +79,7 @@ class ActiveAdaBelief(ActiveOptimizer):
     """
 
     _base_state_key = "exp_avg"
+    _base_state_keys = frozenset({"step", "exp_avg", "exp_avg_var", "max_exp_avg_var"})
 
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-16, weight_decay=0.0, amsgrad=False,

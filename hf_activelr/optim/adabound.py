@@ -49,6 +49,7 @@ class ActiveAdaBound(ActiveOptimizer):
     """
 
     _base_state_key = "exp_avg"
+    _base_state_keys = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
 
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), final_lr=0.1, gamma=1e-3, eps=1e-8,

@@ -143,6 +143,7 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
         return loss
 
     def load_state_dict(self, state_dict) -> None:
+        self._validate_state_dict(state_dict)
         previous = [dict(group) for group in self.param_groups]
         super().load_state_dict(state_dict)
         self._restore_active_state(state_dict, previous)

@@ -51,6 +51,7 @@ class ActiveRAdam(ActiveOptimizer):
     """
 
     _base_state_key = "exp_avg"
+    _base_state_keys = frozenset({"step", "exp_avg", "exp_avg_sq"})
 
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,

@@ -33,6 +33,8 @@ class ActiveSGD(ActiveOptimizer):
     State: ``momentum_buffer`` (when momentum > 0), ``gain``, ``grad_sum``.
     """
 
+    _base_state_keys = frozenset({"momentum_buffer"})
+
     def __init__(
         self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
         *, lr_high, lr_low, period=None, gain_min=None, gain_max=None, zero_sum="hold",
