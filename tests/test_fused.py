@@ -1,0 +1,58 @@
+"""The fused path (the single-tensor step compiled by torch.compile) equals the single-tensor
+path it is compiled from, for every variant, with a scheduler moving lr every step, through
+period boundaries, for float32 and bfloat16 parameters."""
+
+import pytest
+import torch
+
+import hf_activelr as hal
+
+CASES = [
+    (hal.ActiveSGD, dict(lr_high=0.5, lr_low=0.5, momentum=0.9, weight_decay=0.1, nesterov=True)),
+    (hal.ActiveAdamW, dict(amsgrad=True)),
+    (hal.ActiveAdamW, dict()),
+    (hal.ActiveRAdam, dict(weight_decay=0.1, decoupled_weight_decay=True)),
+    (hal.ActiveAdaBelief, dict(weight_decay=0.1)),
+    (hal.ActiveAdaBelief, dict(rectify=False, amsgrad=True)),
+    (hal.ActiveAdaBound, dict(lr_high=0.5, lr_low=0.5, weight_decay=0.1, amsbound=True)),
+]
+SHAPES = [(5, 3), (7,), (2, 3, 4)]
+
+
+def _run(cls, kwargs, fused, dtype, steps=24):
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(shape).to(dtype)) for shape in SHAPES]
+    optimizer = cls(params, period=3, fused=fused, foreach=None if fused else False, **kwargs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=generator).to(dtype)
+        optimizer.step()
+        scheduler.step()
+    gains = [hal.rule.decode_gain(optimizer.state[p]["gain"]) for p in params]
+    return [p.detach().float() for p in params], gains
+
+
+@pytest.mark.parametrize("cls,kwargs", CASES, ids=lambda c: getattr(c, "__name__", ""))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_equals_single_tensor(cls, kwargs, dtype):
+    fused_params, fused_gains = _run(cls, kwargs, True, dtype)
+    plain_params, plain_gains = _run(cls, kwargs, False, dtype)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2,
+                                                                               atol=2e-2)
+    for fused, plain in zip(fused_params, plain_params):
+        torch.testing.assert_close(fused, plain, **tolerance)
+    for fused, plain in zip(fused_gains, plain_gains):
+        assert (fused != 1).any()  # boundaries were crossed and gains moved
+        torch.testing.assert_close(fused, plain, rtol=0, atol=0)  # same gradients, same signs
+
+
+def test_fused_does_not_recompile_per_step_or_shape():
+    """One compilation serves all shapes and steps: running more steps adds no graphs."""
+    import torch._dynamo.utils as dynamo_utils
+
+    _run(hal.ActiveAdamW, {}, True, torch.float32, steps=3)
+    before = dynamo_utils.counters["stats"]["unique_graphs"]
+    _run(hal.ActiveAdamW, {}, True, torch.float32, steps=12)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == before
