@@ -99,7 +99,22 @@ class ActiveMixin:
                 f"{type(state_dict).__name__}" + (f" with keys {sorted(state_dict)[:8]}"
                                                    if isinstance(state_dict, dict) else "")
             )
-        groups = state_dict["param_groups"]
+        groups, states = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(states, dict) or not all(isinstance(s, dict) for s in states.values()):
+            got = type(states).__name__
+            if isinstance(states, dict):
+                got = f"a dict with {sorted({type(s).__name__ for s in states.values()})} values"
+            raise ValueError(
+                f"{name}: state_dict['state'] must map parameter ids to dicts of state tensors, "
+                f"got {got}: not an optimizer state dict"
+            )
+        if not isinstance(groups, (list, tuple)) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in groups
+        ):
+            raise ValueError(
+                f"{name}: state_dict['param_groups'] must be a list of dicts, each with a "
+                "'params' list: not an optimizer state dict"
+            )
         if len(groups) != len(self.param_groups) or any(
             len(saved["params"]) != len(group["params"])
             for saved, group in zip(groups, self.param_groups)
@@ -127,6 +142,19 @@ class ActiveMixin:
                             f"{name}: state[{key!r}] of parameter {saved_id} has shape "
                             f"{tuple(value.shape)}, the parameter {tuple(param.shape)}: the "
                             "state belongs to another model"
+                        )
+                for key in rule.ACTIVE_STATE_KEYS:
+                    value = state.get(key)
+                    if value is not None and not (
+                        torch.is_tensor(value) and value.shape == param.shape
+                        and (key == "prev_sign" or value.is_floating_point())
+                    ):
+                        described = (f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+                                     if torch.is_tensor(value) else type(value).__name__)
+                        raise ValueError(
+                            f"{name}: state[{key!r}] of parameter {saved_id} is {described}, "
+                            f"expected a {'' if key == 'prev_sign' else 'floating-point '}"
+                            f"tensor of the parameter's shape {tuple(param.shape)}"
                         )
 
     def _restore_active_state(self, state_dict: dict, previous_groups: list[dict]) -> None:

@@ -16,21 +16,29 @@ from . import rule
 
 
 def _checksums(optimizer) -> torch.Tensor:
+    """Per group: clock, sum of gains, sum of the packed gains (their sign bits hold the last
+    signs), sum and sum of |.| of the running sums, and a position-weighted sum of the gains
+    (so a permutation within a tensor shows)."""
     rows = []
     for group in optimizer.param_groups:
-        gains = grad_sums = 0.0
+        sums = torch.zeros(5, dtype=torch.float64)
         for param in group["params"]:
             state = optimizer.state.get(param, {})
             if "gain" in state and type(param.data).__name__ != "DTensor":
-                gains += rule.decode_gain(state["gain"]).double().sum().item()
-                grad_sums += state["grad_sum"].double().abs().sum().item()
-        rows.append([float(group["active_step"]), gains, grad_sums])
+                packed = state["gain"].double().reshape(-1)
+                grad_sum = state["grad_sum"].double().reshape(-1)
+                weights = torch.arange(1, packed.numel() + 1, dtype=torch.float64)
+                sums += torch.stack([
+                    rule.decode_gain(packed).sum(), packed.sum(), grad_sum.sum(),
+                    grad_sum.abs().sum(), (rule.decode_gain(packed) * weights).sum(),
+                ])
+        rows.append([float(group["active_step"]), *sums.tolist()])
     return torch.tensor(rows, dtype=torch.float64)
 
 
 def consistency_report(optimizer) -> dict:
-    """``{"consistent": bool, "world_size": n, "groups": [...]}``; each group lists its
-    per-rank (clock, sum of gains, sum of |running sums|). One process: trivially consistent."""
+    """``{"consistent": bool, "world_size": n, "groups": [...]}``; each group lists its per-rank
+    checksums (see ``_checksums``). One process: trivially consistent."""
     from .trainer import unwrap_active
 
     active = unwrap_active(optimizer)
@@ -65,8 +73,8 @@ def check_consistent(optimizer) -> dict:
                if any(r != ranks[0] for r in ranks)]
         raise RuntimeError(
             f"ActiveLR state differs between ranks in param group(s) {bad} "
-            f"(per rank: step, sum of gains, sum of |running sums|: "
-            f"{[report['groups'][i] for i in bad]}). Every rank must call optimizer.step() "
+            f"(per rank checksums: clock, gains, signed gains, running sums, |running sums|, "
+            f"position-weighted gains: {[report['groups'][i] for i in bad]}). Every rank must call optimizer.step() "
             "with the same (all-reduced) gradients."
         )
     return report

@@ -27,8 +27,9 @@ older sign when either sum is zero. ``"flip"`` is the authors' reference behavio
 (``prev * s <= 0`` is a flip), so a zero sum shrinks the gain; signs are compared, not their
 product, which underflows to zero for tiny sums.
 
-Non-finite gradients: a period sum that is NaN counts as zero (gain held, sign kept) and
-restarts at the next period; an infinite sum keeps its sign. The boundary reports how many
+Non-finite gradients: a period sum that is NaN counts as a zero sum (``"hold"``: gain held,
+sign kept; ``"flip"``: a flip, as the reference treats zeros) and restarts at the next period;
+an infinite sum keeps its sign. The boundary reports how many
 sums were not finite (``gain_stats()[i]["nonfinite"]``).
 
 Gains never reach zero or a subnormal: they are floored at the smallest normal number of the
@@ -127,7 +128,7 @@ def end_period(states: Iterable[dict], group: dict) -> dict:
         floor = torch.finfo(packed.dtype).tiny
         low = floor if group["gain_min"] is None else max(group["gain_min"], floor)
         high = math.inf if group["gain_max"] is None else group["gain_max"]
-        # A NaN sum (a NaN gradient in the period) carries no sign: it is held like a zero sum,
+        # A NaN sum (a NaN gradient in the period) carries no sign: it counts as a zero sum,
         # and the sum restarts below, so one bad gradient does not poison the gain for good.
         finite = torch.isfinite(grad_sum)
         cur = torch.sign(grad_sum).nan_to_num_(nan=0.0)
