@@ -17,14 +17,39 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
+import os
 import pathlib
+import sys
 import sysconfig
 
 _SKIP_PARTS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo"}
 
 
 def _stdlib_docstrings(min_chars: int) -> list[str]:
+    """Parsing the whole standard library takes seconds: the result is cached on disk, keyed
+    by the Python version and the stdlib path (``HF_ACTIVELR_CACHE``, default
+    ``~/.cache/hf_activelr``)."""
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    key = hashlib.sha1(f"{sys.version}|{root}|{min_chars}".encode()).hexdigest()[:16]
+    cache = pathlib.Path(os.environ.get("HF_ACTIVELR_CACHE", "~/.cache/hf_activelr")).expanduser()
+    cached = cache / f"stdlib_docstrings_{key}.json"
+    try:
+        return json.loads(cached.read_text())
+    except (OSError, ValueError):
+        pass
+    documents = _parse_stdlib_docstrings(root, min_chars)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        temporary = cached.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(documents))
+        temporary.replace(cached)  # atomic: concurrent processes never read half a file
+    except OSError:
+        pass  # a read-only home: parse every time
+    return documents
+
+
+def _parse_stdlib_docstrings(root: pathlib.Path, min_chars: int) -> list[str]:
     documents = []
     for path in sorted(root.rglob("*.py")):
         if _SKIP_PARTS.intersection(path.relative_to(root).parts):

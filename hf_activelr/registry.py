@@ -14,7 +14,7 @@ import torch
 
 from .optim import ActiveAdaBelief, ActiveAdaBound, ActiveAdamW, ActiveRAdam, ActiveSGD
 
-# ActiveLR options accepted in ``optim_args`` besides the class's own keyword arguments.
+# Types of ActiveLR keyword arguments whose defaults (None) do not tell.
 ACTIVE_OPTION_TYPES = {
     "lr_high": float, "lr_low": float, "period": int, "gain_min": float, "gain_max": float,
     "zero_sum": str, "fused": bool, "foreach": bool,
@@ -37,17 +37,21 @@ class RegisteredOptimizer:
         return doc.splitlines()[0] if doc else self.optimizer_cls.__name__
 
     def accepted_options(self) -> dict[str, type]:
-        """Keys ``optim_args`` may set, with the type their string value is parsed to."""
-        options = dict(ACTIVE_OPTION_TYPES)
+        """Keys ``optim_args`` may set (the class's keyword arguments but those the Trainer
+        fills in), with the type their string value is parsed to."""
+        options = {}
         for name, parameter in inspect.signature(self.optimizer_cls).parameters.items():
             if name in TRAINER_ARGUMENTS or parameter.kind in (
                 parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD
             ):
                 continue
             default = parameter.default
-            if name not in options:
-                options[name] = type(default) if isinstance(default, (bool, int, float, str)) \
-                    else float
+            if name in ACTIVE_OPTION_TYPES:
+                options[name] = ACTIVE_OPTION_TYPES[name]
+            elif isinstance(default, (bool, int, float, str)):
+                options[name] = type(default)
+            else:
+                options[name] = float
         return options
 
 

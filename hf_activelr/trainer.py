@@ -103,6 +103,18 @@ class ActiveTrainer(Trainer):
                 group["param_names"] = [names[id(p)] for p in group["params"]]
         return optimizer
 
+    def save_final_model(self, output_dir: str | None = None) -> None:
+        """Save the trained model; call it on every rank. Under FSDP the full state dict is
+        gathered first (with a SHARDED_STATE_DICT config, ``save_model`` writes no weights in
+        transformers 5); otherwise only the main process writes."""
+        if self.is_fsdp_enabled:
+            state_dict = self.accelerator.get_state_dict(self.model)  # a collective
+            if self.is_world_process_zero():
+                self.accelerator.unwrap_model(self.model).save_pretrained(
+                    output_dir or self.args.output_dir, state_dict=state_dict)
+        else:
+            self.save_model(output_dir)
+
     def write_run_record(self, folder: str) -> None:
         from .model_card import RUN_RECORD
 

@@ -98,8 +98,9 @@ def optimizer_kwargs(args, options: dict[str, str]) -> tuple[type, dict]:
         kwargs["eps"] = args.adam_epsilon
     kwargs.update(entry.defaults)
     kwargs.update(registry.parse_options(entry, options))
-    # No period given: one epoch of optimizer updates, set at train start (the paper's choice).
-    kwargs.setdefault("period", EPOCH)
+    if "period" in accepted:
+        # No period given: one epoch of optimizer updates, set at train start (the paper's).
+        kwargs.setdefault("period", EPOCH)
     if kwargs.get("fused") is None and kwargs.get("foreach") is None and "fused" in accepted:
         kwargs["fused"] = fused_available(args.device)
     return entry.optimizer_cls, kwargs

@@ -171,10 +171,10 @@ def main(argv=None) -> dict:
                                 title=f"GPT-2 causal LM, {results['optim']}")
         except ImportError:
             logger.warning("matplotlib not installed: no training.png (pip install matplotlib)")
-        if training_args.should_save:
-            trainer.save_model()
-            tokenizer.save_pretrained(training_args.output_dir)
-            trainer.create_model_card(model_name=os.path.basename(training_args.output_dir))
+    trainer.save_final_model()
+    if training_args.should_save:
+        tokenizer.save_pretrained(training_args.output_dir)
+        trainer.create_model_card(model_name=os.path.basename(training_args.output_dir))
     return metrics
 
 
