@@ -3,8 +3,9 @@
 ``torch.compile`` (Inductor) turns the readable single-tensor code into one loop per tensor
 that reads the parameter, gradient, base state, gain and running sum once and writes them once
 (C++/OpenMP on CPU, Triton on GPU). Tensors are flattened and shapes are dynamic, so one
-compilation serves every parameter of a variant; Python floats (lr, bias corrections) are
-graph inputs, so schedulers changing ``lr`` do not recompile.
+compilation serves every parameter of a variant. Float hyperparameters (lr, bias corrections)
+enter as 0-d tensors, made once per step for all the parameters that share them, so schedulers
+changing ``lr`` do not recompile and each call stays cheap.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from . import rule
 
 _COMPILED: dict = {}
 # Graphs per variant: dtypes x options (amsgrad, rectified or not, ...) x flat or strided.
+# Dynamo's limit is global and read when it compiles; raising it once (never lowering it)
+# is cheaper than patching the config around every call.
 _RECOMPILE_LIMIT = 64
 
 
@@ -31,6 +34,8 @@ def _compiled_for(delta_fn):
         impl = type(_fused_step_impl)(code, _fused_step_impl.__globals__, code.co_name)
         compiled = torch.compile(impl, dynamic=True, fullgraph=True)
         _COMPILED[delta_fn] = compiled
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
     return compiled
 
 
@@ -42,10 +47,27 @@ def _alias(tensor, flat: bool):
     return tensor.view(-1).detach() if flat else tensor.detach()
 
 
-def fused_step(delta_fn, param, grad, state, tensors, scalars) -> None:
-    """Run ``delta_fn`` and the rule on one parameter as a single compiled kernel."""
+def _as_tensors(scalars: dict, names, like: torch.Tensor, cache: dict) -> dict:
+    """The per-step floats ``names`` as 0-d tensors in ``like``'s dtype and device (a float64
+    scalar would make the whole kernel compute in float64), shared through ``cache``."""
+    converted = dict(scalars)
+    for name in names:
+        value = scalars[name]
+        if isinstance(value, float):
+            key = (name, value, like.dtype, like.device)
+            tensor = cache.get(key)
+            if tensor is None:
+                tensor = cache[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+            converted[name] = tensor
+    return converted
+
+
+def fused_step(delta_fn, param, grad, state, tensors, scalars, step_scalars, cache) -> None:
+    """Run ``delta_fn`` and the rule on one parameter as a single compiled kernel.
+    ``step_scalars``: names of the floats that change every step; ``cache``: a dict the caller
+    keeps for one step, shared by its parameters."""
     everything = (param, grad, state["gain"], state["grad_sum"], *tensors)
     flat = all(t is None or t.is_contiguous() for t in everything)
     param, grad, gain, grad_sum, *tensors = (_alias(t, flat) for t in everything)
-    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-        _compiled_for(delta_fn)(delta_fn, param, grad, gain, grad_sum, tuple(tensors), scalars)
+    scalars = _as_tensors(scalars, step_scalars, state["grad_sum"], cache)
+    _compiled_for(delta_fn)(delta_fn, param, grad, gain, grad_sum, tuple(tensors), scalars)

@@ -117,6 +117,8 @@ class ActiveAdaBelief(ActiveOptimizer):
             state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
 
     _delta = staticmethod(adabelief_delta)
+    # Floats that change from step to step: tensors in the fused kernel (no recompiles).
+    _step_scalars = ("lr", "bias_correction2_sqrt", "step_size")
 
     def _prepare(self, group, param, state):
         state["step"] += 1

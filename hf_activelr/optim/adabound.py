@@ -86,6 +86,8 @@ class ActiveAdaBound(ActiveOptimizer):
             state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     _delta = staticmethod(adabound_delta)
+    # Floats that change from step to step: tensors in the fused kernel (no recompiles).
+    _step_scalars = ("step_size",)
 
     def _scalars(self, group, step):
         beta1, beta2 = group["betas"]

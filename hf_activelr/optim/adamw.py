@@ -64,6 +64,8 @@ class ActiveAdamW(ActiveOptimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     _delta = staticmethod(adamw_delta)
+    # Floats that change from step to step: tensors in the fused kernel (no recompiles).
+    _step_scalars = ("lr", "bias_correction1", "bias_correction2_sqrt")
 
     def _prepare(self, group, param, state):
         state["step"] += 1

@@ -37,6 +37,7 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
     """Base class of the Active variants (see module docstring)."""
 
     _base_state_key: str | None = None  # a key that marks the base state as initialised
+    _step_scalars: tuple = ()  # scalars of _delta that change from step to step
 
     def __init__(
         self,
@@ -130,10 +131,12 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
                             deltas, alpha,
                         )
                 else:
+                    scalar_cache: dict = {}
                     for param, grad, state in zip(params, grads, states):
                         tensors, scalars = self._prepare(group, param, state)
                         if path == "fused":
-                            fused_step(type(self)._delta, param, grad, state, tensors, scalars)
+                            fused_step(type(self)._delta, param, grad, state, tensors, scalars,
+                                       self._step_scalars, scalar_cache)
                         else:
                             delta = type(self)._delta(param, grad, *tensors, **scalars)
                             rule.apply_single(

@@ -81,6 +81,8 @@ class ActiveRAdam(ActiveOptimizer):
         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     _delta = staticmethod(radam_delta)
+    # Floats that change from step to step: tensors in the fused kernel (no recompiles).
+    _step_scalars = ("lr", "bias_correction1", "bias_correction2_sqrt", "rect")
 
     def _prepare(self, group, param, state):
         state["step"] += 1

@@ -59,6 +59,8 @@ class ActiveSGD(ActiveOptimizer):
             raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
 
     _delta = staticmethod(sgd_delta)
+    # Floats that change from step to step: tensors in the fused kernel (no recompiles).
+    _step_scalars = ("lr",)
 
     def _buffer(self, group, param, state):
         """The momentum buffer and whether this is its first step (torch copies d_p then)."""
