@@ -7,6 +7,7 @@ the period: the same sign as last period, the gain grows by ``lr_high``; a flipp
 it is multiplied by ``lr_low``.
 """
 
+from .distributed import check_consistent, consistency_report
 from .optim import (
     ActiveAdaBelief,
     ActiveAdaBound,
@@ -15,7 +16,6 @@ from .optim import (
     ActiveRAdam,
     ActiveSGD,
 )
-from .distributed import check_consistent, consistency_report
 from .registry import available_optimizers, register
 from .wrapper import ActiveLR
 

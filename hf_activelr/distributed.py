@@ -74,7 +74,8 @@ def check_consistent(optimizer) -> dict:
         raise RuntimeError(
             f"ActiveLR state differs between ranks in param group(s) {bad} "
             f"(per rank checksums: clock, gains, signed gains, running sums, |running sums|, "
-            f"position-weighted gains: {[report['groups'][i] for i in bad]}). Every rank must call optimizer.step() "
+            f"position-weighted gains: {[report['groups'][i] for i in bad]}). "
+            "Every rank must call optimizer.step() "
             "with the same (all-reduced) gradients."
         )
     return report

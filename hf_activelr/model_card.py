@@ -126,7 +126,8 @@ def build_card(
     base_model = run.get("base_model")
     results = final_results(log_history)
     eval_results = [
-        EvalResult(task_type=pipeline_tag or "text-classification", dataset_type=dataset or "custom",
+        EvalResult(task_type=pipeline_tag or "text-classification",
+                   dataset_type=dataset or "custom",
                    dataset_name=dataset or "custom", metric_type=_METRIC_NAMES[key],
                    metric_value=float(value), task_name=task_title)
         for key, value in results.items() if key in _METRIC_NAMES

@@ -23,7 +23,9 @@ import pathlib
 import sys
 import sysconfig
 
-_SKIP_PARTS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo"}
+_SKIP_PARTS = {
+    "test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo",
+}
 
 
 def _stdlib_docstrings(min_chars: int) -> list[str]:

@@ -536,16 +536,20 @@ def test_model_compiled_by_hand_with_active_trainer(tmp_path):
     assert (gains != 1).any()
 
 
-def test_default_fused_step_trains_like_the_single_tensor_step(tmp_path):
-    """The one test that runs the default (compiled, fused) step: no ``fused`` in optim_args."""
-    if not transformers_patch.fused_available("cpu"):
-        pytest.skip("no C++ compiler for the fused step")
+def test_fused_step_through_the_trainer_trains_like_the_single_tensor_step(tmp_path):
+    """On CPU the Trainer names default to the multi-tensor step (compiled kernels' OpenMP
+    threads compete with torch's); ``fused=true`` in optim_args runs the compiled step."""
     from hf_activelr import _fused
     from hf_activelr.optim.adamw import adamw_delta
 
+    assert transformers_patch.fused_available("cpu") is False
+    default = transformers_patch.optimizer_kwargs(
+        TrainingArguments(str(tmp_path / "d"), optim="active_adamw", use_cpu=True,
+                          report_to=[]), {})[1]
+    assert default["fused"] is False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fused = run_tiny(tmp_path / "fused", optim_args="period=2")
+        fused = run_tiny(tmp_path / "fused", optim_args="period=2,fused=true")
     assert all(g["fused"] is True for g in active_optimizer(fused).param_groups)
     assert adamw_delta in _fused._COMPILED
     single = run_tiny(tmp_path / "single")

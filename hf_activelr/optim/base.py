@@ -20,8 +20,8 @@ from torch.optim import Optimizer
 
 from .. import rule
 from .._fused import fused_step
-from .._validation import check_active_args, check_bool
 from .._mixin import ActiveMixin
+from .._validation import check_active_args, check_bool
 
 
 def _scalar_dtype():

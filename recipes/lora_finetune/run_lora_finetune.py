@@ -142,9 +142,11 @@ def load_data(data_args) -> tuple[dict[str, dict[str, list]], list[str], str]:
                     return index[str(value)]
             splits = {}
             for split, name in (("train", "train"), ("validation", eval_split)):
-                rows = [(t, l) for t, l in zip(raw[name][text_column], raw[name][label_column])
-                        if l is not None and l != -1]  # unlabelled test rows (GLUE)
-                splits[split] = {"text": [t for t, _ in rows], "label": [to_id(l) for _, l in rows]}
+                rows = [(text, label) for text, label
+                        in zip(raw[name][text_column], raw[name][label_column])
+                        if label is not None and label != -1]  # unlabelled test rows (GLUE)
+                splits[split] = {"text": [text for text, _ in rows],
+                                 "label": [to_id(label) for _, label in rows]}
             return splits, names, "/".join(filter(None, (data_args.dataset_name,
                                                         data_args.dataset_config_name)))
         except Exception as error:  # offline, or a name that does not exist
