@@ -51,9 +51,11 @@ def _stdlib_docstrings(min_chars: int) -> list[str]:
     return documents
 
 
-def _parse_stdlib_docstrings(root: pathlib.Path, min_chars: int) -> list[str]:
+def _parse_stdlib_docstrings(root: pathlib.Path, min_chars: int, folder=None) -> list[str]:
+    """Docstrings (>= ``min_chars``) of the modules, classes and functions under ``folder``
+    (default: all of ``root``), in a stable order, skipping tests and tools."""
     documents = []
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted((folder or root).rglob("*.py")):
         if _SKIP_PARTS.intersection(path.relative_to(root).parts):
             continue
         try:
@@ -121,20 +123,9 @@ def stdlib_topics(packages=TOPIC_PACKAGES, min_chars: int = 200):
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     splits = {"train": {"text": [], "label": []}, "validation": {"text": [], "label": []}}
     for label, package in enumerate(packages):
-        for path in sorted((root / package).rglob("*.py")):
-            if _SKIP_PARTS.intersection(path.relative_to(root).parts):
-                continue
-            try:
-                tree = ast.parse(path.read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
-                                     ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc and len(doc) >= min_chars:
-                        bucket = hashlib.sha1(doc.encode("utf-8")).digest()[0] % 10
-                        split = splits["validation" if bucket < 2 else "train"]
-                        split["text"].append(doc)
-                        split["label"].append(label)
+        for doc in _parse_stdlib_docstrings(root, min_chars, root / package):
+            bucket = hashlib.sha1(doc.encode("utf-8")).digest()[0] % 10
+            split = splits["validation" if bucket < 2 else "train"]
+            split["text"].append(doc)
+            split["label"].append(label)
     return splits, list(packages)
