@@ -108,42 +108,48 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, states = [], [], []
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients "
-                        "(e.g. nn.Embedding(sparse=True)); use dense gradients"
-                    )
-                params.append(param)
-                grads.append(param.grad)
-                states.append(self._state_for(param, group))
+            params, grads, states = self._collect(group)
             if params:
-                path = self._use_path(group)
-                if path == "foreach":
-                    for idx in _group_by_device_and_dtype(params):
-                        p_, g_, s_ = ([seq[i] for i in idx] for seq in (params, grads, states))
-                        deltas, alpha = self._foreach_delta(group, p_, g_, s_)
-                        rule.apply_foreach(
-                            p_, g_, [s["gain"] for s in s_], [s["grad_sum"] for s in s_],
-                            deltas, alpha,
-                        )
-                else:
-                    scalar_cache: dict = {}
-                    for param, grad, state in zip(params, grads, states):
-                        tensors, scalars = self._prepare(group, param, state)
-                        if path == "fused":
-                            fused_step(type(self)._delta, param, grad, state, tensors, scalars,
-                                       self._step_scalars, scalar_cache)
-                        else:
-                            delta = type(self)._delta(param, grad, *tensors, **scalars)
-                            rule.apply_single(
-                                param, grad, state["gain"], state["grad_sum"], delta
-                            )
+                self._update(group, params, grads, states)
             self._tick(group)
         return loss
+
+    def _collect(self, group):
+        """The group's parameters that have a gradient, their gradients and their state."""
+        params, grads, states = [], [], []
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients "
+                    "(e.g. nn.Embedding(sparse=True)); use dense gradients"
+                )
+            params.append(param)
+            grads.append(param.grad)
+            states.append(self._state_for(param, group))
+        return params, grads, states
+
+    def _update(self, group, params, grads, states) -> None:
+        """Base update and rule, on the group's path (foreach, single-tensor or fused)."""
+        path = self._use_path(group)
+        if path == "foreach":
+            for idx in _group_by_device_and_dtype(params):
+                p_, g_, s_ = ([seq[i] for i in idx] for seq in (params, grads, states))
+                deltas, alpha = self._foreach_delta(group, p_, g_, s_)
+                rule.apply_foreach(
+                    p_, g_, [s["gain"] for s in s_], [s["grad_sum"] for s in s_], deltas, alpha
+                )
+            return
+        scalar_cache: dict = {}  # the fused path's per-step scalars, shared by the group
+        for param, grad, state in zip(params, grads, states):
+            tensors, scalars = self._prepare(group, param, state)
+            if path == "fused":
+                fused_step(type(self)._delta, param, grad, state, tensors, scalars,
+                           self._step_scalars, scalar_cache)
+            else:
+                delta = type(self)._delta(param, grad, *tensors, **scalars)
+                rule.apply_single(param, grad, state["gain"], state["grad_sum"], delta)
 
     def load_state_dict(self, state_dict) -> None:
         self._validate_state_dict(state_dict)
