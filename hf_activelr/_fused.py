@@ -25,15 +25,21 @@ def _fused_step_impl(delta_fn, param, grad, gain, grad_sum, tensors, scalars):
     rule.apply_single(param, grad, gain, grad_sum, delta_fn(param, grad, *tensors, **scalars))
 
 
-def _compiled_for(delta_fn):
-    compiled = _COMPILED.get(delta_fn)
+def _fused_chunk_impl(delta_fn, params, grads, gains, grad_sums, tensor_lists, scalars):
+    for param, grad, gain, grad_sum, tensors in zip(params, grads, gains, grad_sums,
+                                                    tensor_lists):
+        rule.apply_single(param, grad, gain, grad_sum, delta_fn(param, grad, *tensors, **scalars))
+
+
+def _compiled_for(delta_fn, impl=_fused_step_impl, suffix="", dynamic=True):
+    compiled = _COMPILED.get((delta_fn, suffix))
     if compiled is None:
         # A distinct code object per variant gives each its own compile cache (Dynamo caches
         # per code object, with a small recompile limit shared by everything that runs it).
-        code = _fused_step_impl.__code__.replace(co_name=f"active_{delta_fn.__name__}")
-        impl = type(_fused_step_impl)(code, _fused_step_impl.__globals__, code.co_name)
-        compiled = torch.compile(impl, dynamic=True, fullgraph=True)
-        _COMPILED[delta_fn] = compiled
+        code = impl.__code__.replace(co_name=f"active_{delta_fn.__name__}{suffix}")
+        impl = type(impl)(code, impl.__globals__, code.co_name)
+        compiled = torch.compile(impl, dynamic=dynamic, fullgraph=True)
+        _COMPILED[(delta_fn, suffix)] = compiled
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
     return compiled
@@ -71,3 +77,28 @@ def fused_step(delta_fn, param, grad, state, tensors, scalars, step_scalars, cac
     param, grad, gain, grad_sum, *tensors = (_alias(t, flat) for t in everything)
     scalars = _as_tensors(scalars, step_scalars, state["grad_sum"], cache)
     _compiled_for(delta_fn)(delta_fn, param, grad, gain, grad_sum, tuple(tensors), scalars)
+
+
+# Tensors per compiled call on the chunked path: bounds the compile time of one graph, and
+# models whose layers repeat (transformers) reuse the same graphs chunk after chunk.
+CHUNK = 24
+
+
+def fused_chunks(delta_fn, params, grads, states, tensor_lists, scalars, step_scalars,
+                 cache) -> None:
+    """The fused step for many parameters sharing the same scalars (the usual case: one param
+    group, one step count), ``CHUNK`` tensors per compiled call: one dispatch per chunk instead
+    of one per tensor, which is what the per-tensor path spends most of its time on."""
+    scalars = _as_tensors(scalars, step_scalars, states[0]["grad_sum"], cache)
+    compiled = _compiled_for(delta_fn, _fused_chunk_impl, "_chunk", dynamic=None)
+    for start in range(0, len(params), CHUNK):
+        stop = start + CHUNK
+        compiled(
+            delta_fn,
+            [p.detach() for p in params[start:stop]],
+            [g.detach() for g in grads[start:stop]],
+            [s["gain"] for s in states[start:stop]],
+            [s["grad_sum"] for s in states[start:stop]],
+            [tuple(tensors) for tensors in tensor_lists[start:stop]],
+            scalars,
+        )

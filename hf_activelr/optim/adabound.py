@@ -21,12 +21,10 @@ def adabound_bounds(group: dict, step: float) -> tuple[float, float]:
 
 def adabound_delta(
     param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *,
-    beta1, beta2, eps, weight_decay, step_size, bounds,
+    beta1, beta2, eps, weight_decay, step_size, lower, upper,
 ):
     """AdaBound's update at gain 1 (adabound.AdaBound 0.0.5): the Adam step size
-    ``step_size / (sqrt(v) + eps)`` clipped into ``bounds`` (lower, upper), times ``m``.
-    The bounds come as a tensor: compiled, a float clamp bound would be baked into the kernel
-    and recompiled at every step."""
+    ``step_size / (sqrt(v) + eps)`` clipped into ``[lower, upper]``, times ``m``."""
     if weight_decay != 0:
         grad = grad + weight_decay * param
     exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
@@ -35,7 +33,7 @@ def adabound_delta(
     if max_exp_avg_sq is not None:  # AMSBound
         max_exp_avg_sq.copy_(torch.maximum(max_exp_avg_sq, exp_avg_sq))
         second = max_exp_avg_sq
-    clipped = (step_size / (second.sqrt() + eps)).clamp(bounds[0], bounds[1])
+    clipped = (step_size / (second.sqrt() + eps)).clamp(lower, upper)
     return -(clipped * exp_avg)
 
 
@@ -87,7 +85,8 @@ class ActiveAdaBound(ActiveOptimizer):
 
     _delta = staticmethod(adabound_delta)
     # Floats that change from step to step: tensors in the fused kernel (no recompiles).
-    _step_scalars = ("step_size",)
+    # (a float clamp bound would even be baked into the compiled kernel)
+    _step_scalars = ("step_size", "lower", "upper")
 
     def _scalars(self, group, step):
         beta1, beta2 = group["betas"]
@@ -102,8 +101,6 @@ class ActiveAdaBound(ActiveOptimizer):
         state["step"] += 1
         max_exp_avg_sq = state["max_exp_avg_sq"] if group["amsbound"] else None
         scalars = self._scalars(group, float(state["step"]))
-        bounds = (scalars.pop("lower"), scalars.pop("upper"))
-        scalars["bounds"] = torch.tensor(bounds, dtype=state["exp_avg"].dtype, device=param.device)
         return (state["exp_avg"], state["exp_avg_sq"], max_exp_avg_sq), scalars
 
     def _foreach_delta(self, group, params, grads, states):

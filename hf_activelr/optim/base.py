@@ -19,7 +19,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import rule
-from .._fused import fused_step
+from .._fused import fused_chunks, fused_step
 from .._mixin import ActiveMixin
 from .._validation import check_active_args, check_bool
 
@@ -141,15 +141,34 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
                     p_, g_, [s["gain"] for s in s_], [s["grad_sum"] for s in s_], deltas, alpha
                 )
             return
-        scalar_cache: dict = {}  # the fused path's per-step scalars, shared by the group
-        for param, grad, state in zip(params, grads, states):
-            tensors, scalars = self._prepare(group, param, state)
-            if path == "fused":
-                fused_step(type(self)._delta, param, grad, state, tensors, scalars,
-                           self._step_scalars, scalar_cache)
-            else:
+        prepared = [self._prepare(group, p, s) for p, s in zip(params, states)]
+        if path == "single":
+            for param, grad, state, (tensors, scalars) in zip(params, grads, states, prepared):
                 delta = type(self)._delta(param, grad, *tensors, **scalars)
                 rule.apply_single(param, grad, state["gain"], state["grad_sum"], delta)
+            return
+        scalar_cache: dict = {}  # the fused path's per-step scalars, shared by the group
+        if len(params) == len(group["params"]):
+            # Every parameter stepped: chunks of parameters that share device, dtype, scalars
+            # and state layout go through one compiled call each.
+            buckets: dict = defaultdict(list)
+            for index, (param, (tensors, scalars)) in enumerate(zip(params, prepared)):
+                layout = tuple(t is None for t in tensors)
+                buckets[(param.device, param.dtype, layout,
+                         tuple(sorted(scalars.items())))].append(index)
+            for indices in buckets.values():
+                tensors, scalars = prepared[indices[0]]
+                fused_chunks(
+                    type(self)._delta, [params[i] for i in indices], [grads[i] for i in indices],
+                    [states[i] for i in indices], [prepared[i][0] for i in indices], scalars,
+                    self._step_scalars, scalar_cache,
+                )
+            return
+        # Some parameters have no gradient this step: one call per tensor, so a changing set
+        # of parameters never triggers a compilation.
+        for param, grad, state, (tensors, scalars) in zip(params, grads, states, prepared):
+            fused_step(type(self)._delta, param, grad, state, tensors, scalars,
+                       self._step_scalars, scalar_cache)
 
     def load_state_dict(self, state_dict) -> None:
         self._validate_state_dict(state_dict)
