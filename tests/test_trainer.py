@@ -551,7 +551,7 @@ def test_fused_step_through_the_trainer_trains_like_the_single_tensor_step(tmp_p
         warnings.simplefilter("ignore")
         fused = run_tiny(tmp_path / "fused", optim_args="period=2,fused=true")
     assert all(g["fused"] is True for g in active_optimizer(fused).param_groups)
-    assert adamw_delta in _fused._COMPILED
+    assert any(key[0] is adamw_delta for key in _fused._COMPILED)
     single = run_tiny(tmp_path / "single")
     assert all(g["fused"] is False for g in active_optimizer(single).param_groups)
     assert_close_masked(named_params(fused.model), named_params(single.model), atol=1e-5,
