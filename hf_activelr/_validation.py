@@ -49,6 +49,7 @@ def check_bool(name: str, value):
 
 
 EPOCH = "epoch"
+ZERO_SUM_POLICIES = ("hold", "flip")  # see hf_activelr.rule
 
 
 def check_period(period, allow_epoch: bool = True):
@@ -70,8 +71,6 @@ def check_period(period, allow_epoch: bool = True):
 
 def check_active_args(lr_high, lr_low, period, gain_min=None, gain_max=None, zero_sum="hold"):
     """Validate the ActiveLR hyperparameters; returns them as a dict for a param group."""
-    from .rule import ZERO_SUM_POLICIES
-
     check_real("lr_high", lr_high, low=0.0)
     check_real("lr_low", lr_low, low=0.0, high=1.0, low_open=True)
     period = check_period(period)

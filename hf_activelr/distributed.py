@@ -27,11 +27,13 @@ def _checksums(optimizer) -> torch.Tensor:
             if "gain" in state and type(param.data).__name__ != "DTensor":
                 packed = state["gain"].double().reshape(-1)
                 grad_sum = state["grad_sum"].double().reshape(-1)
-                weights = torch.arange(1, packed.numel() + 1, dtype=torch.float64)
+                gain = rule.decode_gain(packed)
+                weights = torch.arange(1, packed.numel() + 1, dtype=torch.float64,
+                                       device=packed.device)
                 sums += torch.stack([
-                    rule.decode_gain(packed).sum(), packed.sum(), grad_sum.sum(),
-                    grad_sum.abs().sum(), (rule.decode_gain(packed) * weights).sum(),
-                ])
+                    gain.sum(), packed.sum(), grad_sum.sum(), grad_sum.abs().sum(),
+                    (gain * weights).sum(),
+                ]).cpu()  # the state may live on a GPU
         rows.append([float(group["active_step"]), *sums.tolist()])
     return torch.tensor(rows, dtype=torch.float64)
 

@@ -43,9 +43,8 @@ from typing import Iterable
 
 import torch
 
-from ._validation import check_active_args
+from ._validation import ZERO_SUM_POLICIES
 
-ZERO_SUM_POLICIES = ("hold", "flip")
 _NO_PREV = 2  # prev_sign value before the first boundary (zero_sum="flip")
 
 ACTIVE_STATE_KEYS = ("gain", "grad_sum", "prev_sign")
@@ -189,7 +188,6 @@ __all__ = [
     "ZERO_SUM_POLICIES",
     "apply_foreach",
     "apply_single",
-    "check_active_args",
     "decode_gain",
     "end_period",
     "ensure_state",

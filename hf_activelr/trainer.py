@@ -64,7 +64,7 @@ class _RunRecordCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         from .distributed import check_consistent
 
-        if self.trainer.optimizer is not None and unwrap_active(self.trainer.optimizer):
+        if args.world_size > 1 and unwrap_active(self.trainer.optimizer) is not None:
             check_consistent(self.trainer.optimizer)  # every rank, before a bad state is kept
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")

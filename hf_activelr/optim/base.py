@@ -157,7 +157,7 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
                 buckets[(param.device, param.dtype, layout,
                          tuple(sorted(scalars.items())))].append(index)
             for indices in buckets.values():
-                tensors, scalars = prepared[indices[0]]
+                scalars = prepared[indices[0]][1]  # the same for the whole bucket
                 fused_chunks(
                     type(self)._delta, [params[i] for i in indices], [grads[i] for i in indices],
                     [states[i] for i in indices], [prepared[i][0] for i in indices], scalars,
