@@ -4,7 +4,8 @@ ActiveLR (Wadi, Fredette, Senecal, "Read the Signs: Towards Invariance to Gradie
 Hyperparameter Initialization", arXiv 2301.10133) gives every parameter element its own
 learning-rate gain and adapts it once a period from the sign of the gradient summed over
 the period: the same sign as last period, the gain grows by ``lr_high``; a flipped sign,
-it is multiplied by ``lr_low``.
+it is multiplied by ``lr_low``. Presets (:mod:`hf_activelr.presets`): the paper's rule, and a
+two-sided one (multiplicative increase, bounded gains) chosen by LR sweeps.
 """
 
 from .distributed import check_consistent, consistency_report
@@ -16,6 +17,7 @@ from .optim import (
     ActiveRAdam,
     ActiveSGD,
 )
+from .presets import DEFAULT_PRESET, PRESETS, preset_kwargs
 from .registry import available_optimizers, register
 from .wrapper import ActiveLR
 
@@ -48,9 +50,12 @@ __all__ = [
     "ActiveTrainer",
     "ActiveRAdam",
     "ActiveSGD",
+    "DEFAULT_PRESET",
+    "PRESETS",
     "__version__",
     "available_optimizers",
     "check_consistent",
     "consistency_report",
+    "preset_kwargs",
     "register",
 ]

@@ -20,6 +20,7 @@ class ActiveMixin:
         check_active_args(
             group["lr_high"], group["lr_low"], group["period"],
             group["gain_min"], group["gain_max"], group["zero_sum"],
+            group.setdefault("gain_increase", "additive"),
         )
         for param in group["params"]:
             if param.is_complex():

@@ -50,6 +50,11 @@ def check_bool(name: str, value):
 
 EPOCH = "epoch"
 ZERO_SUM_POLICIES = ("hold", "flip")  # see hf_activelr.rule
+GAIN_INCREASES = ("additive", "multiplicative")  # see hf_activelr.rule
+#: The ActiveLR settings every param group carries.
+ACTIVE_GROUP_KEYS = (
+    "lr_high", "lr_low", "period", "gain_min", "gain_max", "zero_sum", "gain_increase",
+)
 
 
 def check_period(period, allow_epoch: bool = True):
@@ -69,7 +74,10 @@ def check_period(period, allow_epoch: bool = True):
     return int(period)
 
 
-def check_active_args(lr_high, lr_low, period, gain_min=None, gain_max=None, zero_sum="hold"):
+def check_active_args(
+    lr_high, lr_low, period, gain_min=None, gain_max=None, zero_sum="hold",
+    gain_increase="additive",
+):
     """Validate the ActiveLR hyperparameters; returns them as a dict for a param group."""
     check_real("lr_high", lr_high, low=0.0)
     check_real("lr_low", lr_low, low=0.0, high=1.0, low_open=True)
@@ -80,6 +88,8 @@ def check_active_args(lr_high, lr_low, period, gain_min=None, gain_max=None, zer
         check_real("gain_max", gain_max, low=1.0)
     if zero_sum not in ZERO_SUM_POLICIES:
         raise ValueError(f"zero_sum must be one of {ZERO_SUM_POLICIES}, got {zero_sum!r}")
+    if gain_increase not in GAIN_INCREASES:
+        raise ValueError(f"gain_increase must be one of {GAIN_INCREASES}, got {gain_increase!r}")
     return {
         "lr_high": float(lr_high),
         "lr_low": float(lr_low),
@@ -87,4 +97,5 @@ def check_active_args(lr_high, lr_low, period, gain_min=None, gain_max=None, zer
         "gain_min": None if gain_min is None else float(gain_min),
         "gain_max": None if gain_max is None else float(gain_max),
         "zero_sum": zero_sum,
+        "gain_increase": gain_increase,
     }

@@ -1,5 +1,5 @@
 """The ``hf-activelr`` command: ``list`` the optimizers, ``run`` a training script with them,
-``compare`` optimizers on a recipe."""
+``compare`` optimizers on a recipe, ``sweep`` learning rates or batch sizes, render a ``card``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,29 @@ def _compare(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from . import sweep
+
+    if args.tasks is None:
+        from .sweep_tasks import available_tasks
+
+        args.tasks = available_tasks()
+    points = sweep.plan(
+        args.tasks, args.optims or sweep.default_optimizers(), args.lrs, args.seeds,
+        batch_sizes=args.batch_sizes, lr=args.lr, lr_scaling=args.lr_scaling,
+        epochs=args.epochs,
+    )
+    print(f"{len(points)} runs: tasks {', '.join(args.tasks)}; "
+          f"optimizers {', '.join(dict.fromkeys(p.optim for p in points))}", flush=True)
+    records = sweep.sweep(points, args.output_dir, jobs=args.jobs, threads=args.threads,
+                          force=args.force, progress=lambda line: print(line, flush=True))
+    table = sweep.write_reports(records, args.output_dir,
+                                axis="batch_size" if args.batch_sizes else "lr")
+    print(table)
+    print(f"wrote {args.output_dir}/sweep.md, sweep.json and sweep_<task>.png")
+    return 0
+
+
 def _card(args) -> int:
     from .model_card import card_from_checkpoint
 
@@ -43,6 +66,12 @@ def _card(args) -> int:
     card.save(output)
     print(f"wrote {output}")
     return 0
+
+
+def _sweep_defaults(name):
+    from . import sweep
+
+    return {"lrs": sweep.DEFAULT_LRS, "seeds": sweep.DEFAULT_SEEDS}[name]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +100,36 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--accelerate_config", help="launch each run with accelerate")
     compare.add_argument("--force", action="store_true", help="redo finished runs")
     compare.set_defaults(func=_compare, script_args=[])
+    sweep = commands.add_parser(
+        "sweep", help="sweep learning rates (or batch sizes) on small offline tasks",
+        description="Train each task with each optimizer at each learning rate (or, with "
+        "--batch-sizes, each batch size at --lr) and seed; finished runs are kept under "
+        "OUTPUT_DIR/runs and not redone. Writes sweep.md, sweep.json and sweep_<task>.png.",
+    )
+    sweep.add_argument("--tasks", nargs="+", help="sweep tasks (default: all: vit-digits, "
+                       "gpt2-text)")
+    sweep.add_argument("--optims", nargs="+", help="optimizer names, each optionally with "
+                       "optim_args: 'active_adamw:preset=paper' (default: active_adamw, its "
+                       "paper preset, adamw_torch and the installed peers: prodigy, "
+                       "dadapt_adam, schedule_free_adamw)")
+    sweep.add_argument("--lrs", nargs="+", type=float, default=list(_sweep_defaults("lrs")),
+                       help="initial learning rates (default: 1e-5 ... 1e-1, one per decade)")
+    sweep.add_argument("--seeds", nargs="+", type=int, default=list(_sweep_defaults("seeds")))
+    sweep.add_argument("--batch-sizes", "--batch_sizes", dest="batch_sizes", nargs="+",
+                       type=int, help="sweep batch sizes at --lr instead of learning rates")
+    sweep.add_argument("--lr", type=float, default=1e-3,
+                       help="learning rate at the task's own batch size (with --batch-sizes)")
+    sweep.add_argument("--lr-scaling", "--lr_scaling", dest="lr_scaling", default="none",
+                       choices=["none", "linear", "sqrt"],
+                       help="scale --lr with the batch size (with --batch-sizes)")
+    sweep.add_argument("--epochs", type=float, help="epochs per run (default: the task's)")
+    sweep.add_argument("--output_dir", "--output-dir", dest="output_dir",
+                       default="outputs/sweep")
+    sweep.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
+    sweep.add_argument("--threads", type=int, help="torch threads per run "
+                       "(default: CPU cores / jobs)")
+    sweep.add_argument("--force", action="store_true", help="redo finished runs")
+    sweep.set_defaults(func=_sweep)
     card = commands.add_parser(
         "card", help="render or refresh the model card of a saved checkpoint",
         description="Write README.md (a Hub model card) from CHECKPOINT_DIR: trainer_state.json, "

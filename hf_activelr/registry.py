@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .optim import ActiveAdaBelief, ActiveAdaBound, ActiveAdamW, ActiveRAdam, ActiveSGD
+from .presets import DEFAULT_PRESET, preset_kwargs
 
 # Types of ActiveLR keyword arguments whose defaults (None) do not tell.
 ACTIVE_OPTION_TYPES = {
     "lr_high": float, "lr_low": float, "period": int, "gain_min": float, "gain_max": float,
-    "zero_sum": str, "fused": bool, "foreach": bool,
+    "zero_sum": str, "gain_increase": str, "fused": bool, "foreach": bool,
 }
 # Arguments the Trainer fills in from TrainingArguments; optim_args may not repeat them.
 TRAINER_ARGUMENTS = ("params", "lr", "betas", "eps", "weight_decay")
@@ -106,10 +107,13 @@ def parse_options(entry: RegisteredOptimizer, options: dict[str, str]) -> dict:
     """Turn ``optim_args`` strings (``"lr_high=0.05,period=200"``) into typed keyword args."""
     accepted = entry.accepted_options()
     parsed = {}
+    options = dict(options)
+    if "preset" in options:  # first, so that the other keys override it
+        parsed.update(preset_kwargs(options.pop("preset"), entry.optimizer_cls))
     for key, text in options.items():
         if key not in accepted:
             raise ValueError(
-                f"unknown optim_args key {key!r} for {entry.name}; valid keys: "
+                f"unknown optim_args key {key!r} for {entry.name}; valid keys: preset, "
                 f"{', '.join(sorted(accepted))} (lr, betas, eps and weight_decay come from "
                 "TrainingArguments)"
             )
@@ -139,7 +143,10 @@ def _parse_value(key: str, text, kind: type):
 # Built-in names. ActiveSGD and ActiveAdaBound have no published ActiveLR settings: they get
 # the conservative RAdam/AdaBelief ones (lr_high=0.05, lr_low=0.95).
 register("active_sgd", ActiveSGD, lr_high=0.05, lr_low=0.95)
-register("active_adamw", ActiveAdamW)
+# ``active_adamw`` uses the default preset (two-sided, chosen by LR sweeps: README); the
+# paper's rule stays available, unchanged, as ``active_adamw_paper`` or optim_args="preset=paper".
+register("active_adamw", ActiveAdamW, **preset_kwargs(DEFAULT_PRESET, ActiveAdamW))
+register("active_adamw_paper", ActiveAdamW, **preset_kwargs("paper", ActiveAdamW))
 register("active_radam", ActiveRAdam)
 register("active_adabelief", ActiveAdaBelief)
 register("active_adabound", ActiveAdaBound, lr_high=0.05, lr_low=0.95)

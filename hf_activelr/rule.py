@@ -121,6 +121,7 @@ def end_period(states: Iterable[dict], group: dict) -> dict:
     """
     lr_high, lr_low = group["lr_high"], group["lr_low"]
     zero_sum = group["zero_sum"]
+    multiplicative = group.get("gain_increase", "additive") == "multiplicative"
     grew = shrank = total = nonfinite = 0
     for state in states:
         packed, grad_sum = state["gain"], state["grad_sum"]
@@ -141,7 +142,13 @@ def end_period(states: Iterable[dict], group: dict) -> dict:
             known = prev_sign != _NO_PREV
             agree = known & (prev_sign * cur > 0)
             flip = known & ~agree
-        new_gain = torch.where(agree, gain + lr_high, torch.where(flip, gain * lr_low, gain))
+        # The paper's increase is additive; "multiplicative" (as in Rprop) makes the drift of
+        # log(gain) under random signs negative when (1 + lr_high) * lr_low < 1.
+        if multiplicative:
+            grown = gain * (1.0 + lr_high)
+        else:
+            grown = gain + lr_high
+        new_gain = torch.where(agree, grown, torch.where(flip, gain * lr_low, gain))
         new_gain.clamp_(low, high)
         if zero_sum == "hold":
             # Keep the older sign where this sum is zero; 0 stays "no sign yet" (gain 1).

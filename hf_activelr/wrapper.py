@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 from . import rule
 from ._mixin import ActiveMixin
-from ._validation import check_active_args
+from ._validation import ACTIVE_GROUP_KEYS, check_active_args
 
 
 class ActiveLR(ActiveMixin, Optimizer):
@@ -33,7 +33,7 @@ class ActiveLR(ActiveMixin, Optimizer):
 
     def __init__(
         self, optimizer: Optimizer, *, lr_high, lr_low, period=None, gain_min=None,
-        gain_max=None, zero_sum="hold",
+        gain_max=None, zero_sum="hold", gain_increase="additive",
     ):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -41,7 +41,9 @@ class ActiveLR(ActiveMixin, Optimizer):
             )
         if isinstance(optimizer, ActiveMixin):
             raise TypeError(f"{type(optimizer).__name__} is already Active; do not wrap it again")
-        active = check_active_args(lr_high, lr_low, period, gain_min, gain_max, zero_sum)
+        active = check_active_args(
+            lr_high, lr_low, period, gain_min, gain_max, zero_sum, gain_increase
+        )
         self.optimizer = optimizer
         super().__init__(optimizer.param_groups, {**optimizer.defaults, **active})
         # One list of group dicts for both: schedulers and add_param_group see the same groups.
@@ -50,7 +52,7 @@ class ActiveLR(ActiveMixin, Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         added = False
         if not any(param_group is group for group in self.optimizer.param_groups):
-            for key in ("lr_high", "lr_low", "period", "gain_min", "gain_max", "zero_sum"):
+            for key in ACTIVE_GROUP_KEYS:
                 param_group.setdefault(key, self.defaults[key])
             self.optimizer.add_param_group(param_group)
             param_group = self.optimizer.param_groups[-1]

@@ -49,7 +49,7 @@ BASE_DEFAULTS = {
         amsbound=False,
     ),
 }
-ACTIVE_DEFAULTS = dict(gain_min=None, gain_max=None, zero_sum="hold")
+ACTIVE_DEFAULTS = dict(gain_min=None, gain_max=None, zero_sum="hold", gain_increase="additive")
 
 
 # --- the base updates, learning rate ``lr_t = lr * gain`` per element ----------------------
@@ -184,19 +184,25 @@ def _sign(x: float) -> int:
     return (x > 0) - (x < 0)
 
 
+def _grown(gain: float, group: dict) -> float:
+    if group["gain_increase"] == "multiplicative":
+        return gain * (1 + group["lr_high"])
+    return gain + group["lr_high"]
+
+
 def adapt_element(gain: float, prev, total: float, group: dict):
     """One element at a boundary: returns ``(new gain, new previous sign)``."""
     sign = _sign(total)
     changed = False
     if group["zero_sum"] == "hold":
         if prev is not None and sign != 0:  # prev is never 0 under "hold"
-            gain = gain + group["lr_high"] if sign == prev else gain * group["lr_low"]
+            gain = _grown(gain, group) if sign == prev else gain * group["lr_low"]
             changed = True
         if sign != 0:
             prev = sign
     elif group["zero_sum"] == "flip":
         if prev is not None:
-            gain = gain + group["lr_high"] if prev * sign > 0 else gain * group["lr_low"]
+            gain = _grown(gain, group) if prev * sign > 0 else gain * group["lr_low"]
             changed = True
         prev = sign
     else:

@@ -27,6 +27,7 @@ from hf_activelr import (
     ActiveRAdam,
     ActiveSGD,
 )
+from hf_activelr.presets import preset_kwargs
 from hf_activelr.rule import decode_gain
 
 try:  # tests/ may or may not be a package
@@ -325,12 +326,13 @@ def _active_overrides(period, lr_high, lr_low):
 
 def _run_against_reference(
     variant, *, period, lr_high, lr_low, zero_sum, foreach, steps, none=None, check_every=3,
-    params_tol=TIGHT,
+    params_tol=TIGHT, gain_increase="additive",
 ):
     cls, settings, base_groups = VARIANTS[variant]
     active_groups = _active_overrides(period, lr_high, lr_low)
     overrides = [{**b, **a} for b, a in zip(base_groups, active_groups)]
-    active_settings = dict(lr_high=lr_high, lr_low=lr_low, period=period, zero_sum=zero_sum)
+    active_settings = dict(lr_high=lr_high, lr_low=lr_low, period=period, zero_sum=zero_sum,
+                           gain_increase=gain_increase)
     ps = make_params(seed=3)
     ref_groups = [{"params": [p.detach() for p in params], **ov}
                   for params, ov in zip(ps, overrides)]
@@ -366,6 +368,31 @@ def test_against_reference(variant, period, zero_sum):
         # The test is only meaningful if gains moved both ways.
         gains = torch.cat([decode_gain(s["gain"]).reshape(-1) for s in opt.state.values()])
         assert (gains > 1).any() and (gains < 1).any()
+
+
+@pytest.mark.parametrize("zero_sum", ["hold", "flip"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_multiplicative_increase_against_reference(variant, zero_sum):
+    """The two-sided preset's rule (gain *= 1 + lr_high on agreement), with binding bounds."""
+    for period, foreach in itertools.product([1, 3], [True, False]):
+        opt, _ = _run_against_reference(
+            variant, period=period, lr_high=0.5, lr_low=0.5, zero_sum=zero_sum,
+            foreach=foreach, steps=12 * period + 8, gain_increase="multiplicative",
+        )
+        gains = torch.cat([decode_gain(s["gain"]).reshape(-1) for s in opt.state.values()])
+        assert (gains > 1.5).any() and (gains < 1).any()
+
+
+def test_multiplicative_increase_by_hand():
+    """Signs +, +, +, - over four boundaries: 1 -> 1.5 -> 2.25 -> 1.125 (times 1.5, then 0.5)."""
+    p = torch.nn.Parameter(torch.zeros(2, dtype=F64))
+    opt = ActiveAdamW([p], lr=0.01, **{**preset_kwargs("two_sided"), "period": 1})
+    gains = []
+    for sign in (1.0, 1.0, 1.0, -1.0):
+        p.grad = torch.full((2,), sign, dtype=F64)
+        opt.step()
+        gains.append(decode_gain(opt.state[p]["gain"])[0].item())
+    assert gains == [1.0, 1.5, 2.25, 1.125]
 
 
 @pytest.mark.parametrize("zero_sum", ["hold", "flip"])

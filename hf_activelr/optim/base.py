@@ -49,11 +49,14 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
         period,
         gain_min=None,
         gain_max=None,
+        gain_increase="additive",
         zero_sum="hold",
         foreach=None,
         fused=None,
     ):
-        active = check_active_args(lr_high, lr_low, period, gain_min, gain_max, zero_sum)
+        active = check_active_args(
+            lr_high, lr_low, period, gain_min, gain_max, zero_sum, gain_increase
+        )
         if foreach is not None:
             check_bool("foreach", foreach)
         if fused is not None:

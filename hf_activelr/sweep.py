@@ -1,0 +1,416 @@
+"""Learning-rate and batch-size sweeps: the paper's robustness claims, measured side by side.
+
+    hf-activelr sweep --tasks vit-digits gpt2-text --output_dir outputs/sweep
+    hf-activelr sweep --tasks vit-digits --batch-sizes 16 64 256 1024 --lr 1e-3 --lr-scaling sqrt
+
+Each point (task, optimizer, learning rate, batch size, seed) is one training run of a small
+offline task (:mod:`hf_activelr.sweep_tasks`) with the Hugging Face Trainer, a constant learning
+rate and the final eval loss as the result. Finished runs are stored one JSON file each under
+``OUTPUT_DIR/runs/`` and never redone, so an interrupted sweep resumes where it stopped. The
+sweep writes ``sweep.json`` (every run and the summary), ``sweep.md`` (per task and optimizer:
+the loss at every point, best, worst, spread) and ``sweep_<task>.png`` (loss against LR or batch
+size, one line per optimizer, the band spanning the seeds).
+
+Optimizers are given as Trainer names (``active_adamw``, ``adamw_torch``,
+``schedule_free_adamw``...) or peers with no Trainer name (``prodigy``, ``dadapt_adam``), with
+optional ``optim_args`` after a colon: ``"active_adamw:preset=paper"``. A run whose loss becomes
+non-finite, or whose final eval loss is worse than a uniform guess (``chance_loss``), is
+counted as diverged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+DEFAULT_LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+DEFAULT_SEEDS = (0, 1)
+LR_SCALINGS = ("none", "linear", "sqrt")
+
+#: Peers without a Trainer name: (module, class, package to install).
+PEERS = {
+    "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
+    "dadapt_adam": ("dadaptation", "DAdaptAdam", "dadaptation"),
+}
+#: Peers with a Trainer name, and the package they need.
+TRAINER_PEERS = {"schedule_free_adamw": "schedulefree"}
+
+
+def installed_peers() -> list[str]:
+    """The peer optimizers whose package is installed (a default sweep includes them)."""
+    names = [name for name, (module, _, _) in PEERS.items() if importlib.util.find_spec(module)]
+    names += [name for name, module in TRAINER_PEERS.items() if importlib.util.find_spec(module)]
+    return names
+
+
+def default_optimizers() -> list[str]:
+    """The default Active AdamW, the paper's rule, their base and the installed peers."""
+    return ["active_adamw", "active_adamw_paper", "adamw_torch", *installed_peers()]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of a sweep."""
+
+    task: str
+    optim: str  # "name" or "name:key=value,key=value"
+    lr: float
+    batch_size: int
+    seed: int
+    epochs: float
+
+    @property
+    def slug(self) -> str:
+        optim = self.optim.replace(":", "--").replace(",", "-").replace("=", "_")
+        return (f"{self.task}/{optim}/"
+                f"lr{self.lr:g}_bs{self.batch_size}_ep{self.epochs:g}_s{self.seed}")
+
+
+def split_optim(spec: str) -> tuple[str, str | None]:
+    name, _, options = spec.partition(":")
+    return name, options or None
+
+
+def check_optimizer(spec: str) -> None:
+    """Fail before any training when a name is unknown or a peer is not installed."""
+    from transformers.training_args import OptimizerNames
+
+    from . import registry
+
+    name, options = split_optim(spec)
+    if name in PEERS:
+        module, _, package = PEERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"optimizer {name!r} needs `pip install {package}`")
+        return
+    if name in TRAINER_PEERS and importlib.util.find_spec(TRAINER_PEERS[name]) is None:
+        raise ValueError(f"optimizer {name!r} needs `pip install {TRAINER_PEERS[name]}`")
+    if name not in OptimizerNames._value2member_map_:
+        raise ValueError(
+            f"unknown optimizer {name!r}: a transformers optim name (e.g. adamw_torch), one of "
+            f"{', '.join(registry.available_optimizers())}, or a peer: {', '.join(PEERS)}"
+        )
+    if name in registry.available_optimizers():
+        import torch
+
+        entry = registry.get(name)
+        items = [item.split("=", 1) for item in options.split(",")] if options else []
+        if any(len(item) != 2 for item in items):
+            raise ValueError(f"optimizer {spec!r}: options must be key=value,key=value")
+        kwargs = {**entry.defaults, **registry.parse_options(entry, dict(items))}
+        if kwargs.get("period", "epoch") == "epoch":
+            kwargs["period"] = 1
+        # Construct it once on a dummy parameter: out-of-range values fail now, not mid-sweep.
+        entry.optimizer_cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+
+
+def _peer_optimizer(name: str, options: str | None, lr: float):
+    module, cls_name, _ = PEERS[name]
+    cls = getattr(__import__(module), cls_name)
+    kwargs = {"lr": lr}
+    for item in (options or "").split(",") if options else []:
+        key, value = item.split("=", 1)
+        kwargs[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
+    return cls, kwargs
+
+
+class _DivergenceCallback:
+    """Stops a run as soon as its training loss is not finite (nothing more to learn)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            diverged = False
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                loss = (logs or {}).get("loss")
+                if loss is not None and not math.isfinite(loss):
+                    self.diverged = True
+                    control.should_training_stop = True
+
+        return Callback()
+
+
+_DATA_CACHE: dict = {}
+
+
+def run_point(point: Point) -> dict:
+    """Train ``point`` in this process; returns its record (losses, gains, time)."""
+    import torch
+    from transformers import TrainingArguments, default_data_collator, set_seed
+
+    import hf_activelr  # noqa: F401  (registers the Trainer names)
+
+    from .sweep_tasks import get_task
+    from .trainer import ActiveTrainer, unwrap_active
+
+    task = get_task(point.task)
+    if point.task not in _DATA_CACHE:
+        _DATA_CACHE[point.task] = task.build_data()
+    train, held_out, info = _DATA_CACHE[point.task]
+    set_seed(point.seed)
+    model = task.build_model(info)
+    name, options = split_optim(point.optim)
+    peer = _peer_optimizer(name, options, point.lr) if name in PEERS else None
+    diverged = _DivergenceCallback()
+    steps_per_epoch = math.ceil(len(train) / point.batch_size)
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments(
+            output_dir=output_dir, optim="adamw_torch" if peer else name,
+            optim_args=None if peer else options, learning_rate=point.lr,
+            lr_scheduler_type="constant", weight_decay=0.0, num_train_epochs=point.epochs,
+            per_device_train_batch_size=point.batch_size, per_device_eval_batch_size=256,
+            eval_strategy="no", save_strategy="no", report_to="none", seed=point.seed,
+            logging_steps=max(steps_per_epoch // 2, 1), disable_tqdm=True,
+            dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        )
+        trainer = ActiveTrainer(
+            model=model, args=args, train_dataset=train, eval_dataset=held_out,
+            data_collator=default_data_collator, callbacks=[diverged],
+            optimizer_cls_and_kwargs=peer,
+        )
+        start = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - start
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+        active = unwrap_active(trainer.optimizer)
+        gains = active.gain_stats()[0] if active is not None else None
+        history = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history
+                   if "loss" in entry]
+    chance = info["chance_loss"]
+    return {
+        **asdict(point),
+        "eval_loss": eval_loss,
+        "diverged": bool(diverged.diverged or not math.isfinite(eval_loss) or eval_loss > chance),
+        "chance_loss": chance,
+        "train_loss_curve": history,
+        "steps": trainer.state.global_step,
+        "train_wall_s": round(wall, 2),
+        "gain": None if gains is None else {k: gains[k] for k in ("min", "median", "max")},
+    }
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_and_store(job) -> dict:
+    point, path = job
+    record = run_point(point)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(record, indent=1))
+    temporary.replace(path)
+    return record
+
+
+def plan(tasks, optimizers, lrs, seeds, batch_sizes=None, lr=1e-3, lr_scaling="none",
+         epochs=None) -> list[Point]:
+    """The points of a sweep: over ``lrs``, or with ``batch_sizes`` over batch sizes at ``lr``
+    (scaled from the task's own batch size by ``lr_scaling``: none, linear or sqrt)."""
+    from .sweep_tasks import get_task
+
+    if lr_scaling not in LR_SCALINGS:
+        raise ValueError(f"lr_scaling must be one of {LR_SCALINGS}, got {lr_scaling!r}")
+    for value in [*lrs, lr]:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"learning rates must be positive finite numbers, got {value!r}")
+    for spec in optimizers:
+        check_optimizer(spec)
+    points = []
+    for task_name in tasks:
+        task = get_task(task_name)
+        task_epochs = task.epochs if epochs is None else epochs
+        for spec in optimizers:
+            for seed in seeds:
+                if batch_sizes:
+                    for batch_size in batch_sizes:
+                        if not (isinstance(batch_size, int) and batch_size > 0):
+                            raise ValueError(
+                                f"batch sizes must be positive ints, got {batch_size!r}")
+                        ratio = batch_size / task.batch_size
+                        scale = {"none": 1.0, "linear": ratio,
+                                 "sqrt": math.sqrt(ratio)}[lr_scaling]
+                        points.append(Point(task_name, spec, lr * scale, batch_size, seed,
+                                            task_epochs))
+                else:
+                    for value in lrs:
+                        points.append(Point(task_name, spec, float(value), task.batch_size, seed,
+                                            task_epochs))
+    return points
+
+
+def sweep(points: list[Point], output_dir, jobs: int = 1, threads: int | None = None,
+          force: bool = False, progress=print) -> list[dict]:
+    """Run the points not already finished under ``output_dir`` (``jobs`` processes of
+    ``threads`` torch threads each) and return every record, in ``points`` order."""
+    output_dir = pathlib.Path(output_dir)
+    paths = {point: output_dir / "runs" / f"{point.slug}.json" for point in points}
+    records: dict[Point, dict] = {}
+    todo = []
+    for point, path in paths.items():
+        if path.exists() and not force:
+            records[point] = json.loads(path.read_text())
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            todo.append((point, path))
+    if records:
+        progress(f"{len(records)} of {len(points)} runs already done in {output_dir}/runs")
+    threads = threads or max((os.cpu_count() or 1) // max(jobs, 1), 1)
+    start = time.perf_counter()
+
+    def report(done, record):
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done * (len(todo) - done)
+        status = "diverged" if record["diverged"] else f"eval loss {record['eval_loss']:.4f}"
+        progress(f"[{done}/{len(todo)}] {record['task']} {record['optim']} lr={record['lr']:g} "
+                 f"bs={record['batch_size']} seed={record['seed']}: {status} "
+                 f"({record['train_wall_s']:.0f} s; ETA {eta / 60:.1f} min)")
+
+    if todo and jobs > 1:
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(jobs, initializer=_worker_init, initargs=(threads,)) as pool:
+            for done, record in enumerate(pool.imap_unordered(_run_and_store, todo), 1):
+                records[_point_of(record)] = record
+                report(done, record)
+    else:
+        if todo:
+            _worker_init(threads)
+        for done, job in enumerate(todo, 1):
+            record = _run_and_store(job)
+            records[job[0]] = record
+            report(done, record)
+    return [records[point] for point in points]
+
+
+def _point_of(record: dict) -> Point:
+    return Point(record["task"], record["optim"], record["lr"], record["batch_size"],
+                 record["seed"], record["epochs"])
+
+
+# --- summaries ------------------------------------------------------------------------------
+
+
+def summarize(records: list[dict], axis: str = "lr") -> list[dict]:
+    """Per (task, optimizer): the mean final eval loss over seeds at each ``axis`` value
+    (``lr`` or ``batch_size``), ``best``, ``worst``, ``spread`` = worst - best, and the points
+    where any seed diverged (a diverged point makes ``worst`` and ``spread`` infinite)."""
+    groups: dict[tuple, dict] = {}
+    for record in records:
+        row = groups.setdefault((record["task"], record["optim"]), {})
+        row.setdefault(record[axis], []).append(record)
+    summary = []
+    for (task, optim), by_value in groups.items():
+        points = []
+        for value in sorted(by_value):
+            runs = by_value[value]
+            losses = [r["eval_loss"] for r in runs]
+            diverged = sum(r["diverged"] for r in runs)
+            finite = [x for x in losses if math.isfinite(x)]
+            points.append({
+                axis: value, "mean": sum(finite) / len(finite) if finite else math.inf,
+                "min": min(finite, default=math.inf), "max": max(losses),
+                "seeds": len(runs), "diverged": diverged,
+                "lr": runs[0]["lr"],
+            })
+        means = [p["mean"] if not p["diverged"] else math.inf for p in points]
+        best = min(p["mean"] for p in points)
+        worst = max(means)
+        summary.append({"task": task, "optim": optim, "axis": axis, "points": points,
+                        "best": best, "worst": worst, "spread": worst - best,
+                        "diverged_points": sum(1 for p in points if p["diverged"])})
+    return summary
+
+
+def _fmt(value: float) -> str:
+    return "inf" if not math.isfinite(value) else f"{value:.3f}"
+
+
+def markdown(summary: list[dict]) -> str:
+    """One table per task: final eval loss (mean over seeds) per point, best, worst, spread."""
+    out = []
+    for task in dict.fromkeys(row["task"] for row in summary):
+        rows = [row for row in summary if row["task"] == task]
+        axis = rows[0]["axis"]
+        values = sorted({p[axis] for row in rows for p in row["points"]})
+        label = "lr" if axis == "lr" else "batch size"
+        header = [f"{task}: final eval loss", *[f"{label} {v:g}" for v in values],
+                  "best", "worst", "spread"]
+        out += [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+        for row in rows:
+            cells = {p[axis]: p for p in row["points"]}
+            line = [row["optim"].replace("|", "\\|")]
+            for value in values:
+                point = cells.get(value)
+                if point is None:
+                    line.append("")
+                elif point["diverged"]:
+                    line.append(f"diverged ({point['diverged']}/{point['seeds']})")
+                else:
+                    spread = (point["max"] - point["min"]) / 2
+                    line.append(f"{point['mean']:.3f} ± {spread:.3f}" if point["seeds"] > 1
+                                else f"{point['mean']:.3f}")
+            line += [_fmt(row["best"]), _fmt(row["worst"]), _fmt(row["spread"])]
+            out.append(f"| {' | '.join(line)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(summary: list[dict], output_dir) -> list[pathlib.Path]:
+    """``sweep_<task>.png``: loss against the swept value (log scale), one line per optimizer,
+    a band over the seeds; diverged points drawn as crosses at the chance loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for task in dict.fromkeys(row["task"] for row in summary):
+        rows = [row for row in summary if row["task"] == task]
+        axis = rows[0]["axis"]
+        figure, ax = plt.subplots(figsize=(6.5, 4.2))
+        for row in rows:
+            xs = [p[axis] for p in row["points"]]
+            ys = [p["mean"] for p in row["points"]]
+            line, = ax.plot(xs, ys, marker="o", label=row["optim"])
+            ax.fill_between(xs, [p["min"] for p in row["points"]],
+                            [min(p["max"], 1e9) for p in row["points"]],
+                            color=line.get_color(), alpha=0.15)
+            crosses = [(p[axis], p["mean"]) for p in row["points"] if p["diverged"]]
+            if crosses:
+                ax.scatter(*zip(*crosses), marker="x", s=80, color=line.get_color())
+        ax.set_xscale("log", base=10 if axis == "lr" else 2)
+        ax.set_xlabel("initial learning rate" if axis == "lr" else "batch size")
+        ax.set_ylabel("final eval loss")
+        ax.set_title(f"{task}: final eval loss (mean over seeds; x: diverged)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        figure.tight_layout()
+        path = pathlib.Path(output_dir) / f"sweep_{task}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def write_reports(records: list[dict], output_dir, axis: str = "lr") -> str:
+    """Write sweep.json, sweep.md and the plots; return the markdown."""
+    output_dir = pathlib.Path(output_dir)
+    summary = summarize(records, axis)
+    table = markdown(summary)
+    (output_dir / "sweep.md").write_text(table)
+    (output_dir / "sweep.json").write_text(json.dumps(
+        {"command": " ".join(sys.argv), "summary": summary, "runs": records}, indent=1,
+        default=str))
+    plot(summary, output_dir)
+    return table

@@ -1,0 +1,135 @@
+"""``hf-activelr sweep``: planning, resumable runs, reports, peers, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from hf_activelr import sweep
+from hf_activelr.sweep_tasks import SweepTask, available_tasks, get_task, register_task
+
+
+def test_plan_learning_rates_and_batch_sizes():
+    points = sweep.plan(["vit-digits"], ["active_adamw", "adamw_torch"], [1e-4, 1e-2], [0, 1])
+    assert len(points) == 8
+    assert {p.batch_size for p in points} == {get_task("vit-digits").batch_size}
+    linear = sweep.plan(["vit-digits"], ["adamw_torch"], [], [0], batch_sizes=[16, 128],
+                        lr=1e-3, lr_scaling="linear")
+    assert [(p.batch_size, p.lr) for p in linear] == [(16, 5e-4), (128, 4e-3)]
+    root = sweep.plan(["vit-digits"], ["adamw_torch"], [], [0], batch_sizes=[128], lr=1e-3,
+                      lr_scaling="sqrt")
+    assert math.isclose(root[0].lr, 2e-3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(optimizers=["adamw_typo"]), "unknown optimizer 'adamw_typo'"),
+    (dict(lrs=[-1e-3]), "positive finite"),
+    (dict(lrs=[float("nan")]), "positive finite"),
+    (dict(batch_sizes=[0]), "positive ints"),
+    (dict(lr_scaling="cubic"), "lr_scaling must be one of"),
+    (dict(optimizers=["active_adamw:lr_low=2"]), "lr_low"),
+    (dict(optimizers=["active_adamw:preset=fast"]), "preset must be one of"),
+    (dict(tasks=["mnist"]), "unknown sweep task 'mnist'"),
+])
+def test_plan_rejects_bad_input_before_training(kwargs, message):
+    arguments = dict(tasks=["vit-digits"], optimizers=["adamw_torch"], lrs=[1e-3], seeds=[0])
+    arguments.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=message):
+        sweep.plan(**arguments)
+
+
+def test_missing_peer_names_the_package(monkeypatch):
+    monkeypatch.setattr(sweep.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="pip install prodigyopt"):
+        sweep.check_optimizer("prodigy")
+    assert sweep.installed_peers() == []
+    assert sweep.default_optimizers() == ["active_adamw", "active_adamw_paper", "adamw_torch"]
+
+
+def _record(optim, lr, seed, loss, diverged=False):
+    return {"task": "t", "optim": optim, "lr": lr, "batch_size": 8, "seed": seed,
+            "epochs": 1, "eval_loss": loss, "diverged": diverged}
+
+
+def test_summary_best_worst_spread_and_divergence():
+    records = [
+        _record("a", 1e-3, 0, 1.0), _record("a", 1e-3, 1, 2.0),
+        _record("a", 1e-1, 0, 3.0), _record("a", 1e-1, 1, 5.0),
+        _record("b", 1e-3, 0, 0.5), _record("b", 1e-3, 1, 0.5),
+        _record("b", 1e-1, 0, float("nan"), diverged=True), _record("b", 1e-1, 1, 0.7),
+    ]
+    summary = {row["optim"]: row for row in sweep.summarize(records)}
+    assert summary["a"]["best"] == 1.5 and summary["a"]["worst"] == 4.0
+    assert summary["a"]["spread"] == 2.5 and summary["a"]["diverged_points"] == 0
+    assert summary["b"]["diverged_points"] == 1 and summary["b"]["spread"] == math.inf
+    table = sweep.markdown(list(summary.values()))
+    assert "| a | 1.500 ± 0.500 | 4.000 ± 1.000 | 1.500 | 4.000 | 2.500 |" in table
+    assert "diverged (1/2)" in table and "| inf | inf |" in table
+
+
+def test_registered_task_is_swept():
+    base = get_task("vit-digits")
+    register_task(SweepTask("vit-digits-short", "test", base.build_data, base.build_model,
+                            epochs=0.25, batch_size=64))
+    assert "vit-digits-short" in available_tasks()
+    record = sweep.run_point(sweep.Point("vit-digits-short", "active_adamw", 1e-3, 64, 0, 0.25))
+    assert record["steps"] == 6 and math.isfinite(record["eval_loss"])
+    assert not record["diverged"] and record["gain"]["max"] >= 1.0
+
+
+def test_nonfinite_loss_stops_the_run_and_counts_as_diverged():
+    record = sweep.run_point(sweep.Point("vit-digits", "adamw_torch", 1e30, 64, 0, 1))
+    assert record["diverged"]
+    assert record["steps"] < math.ceil(1437 / 64)  # stopped at the first non-finite log
+
+
+@pytest.mark.parametrize("peer", ["prodigy", "dadapt_adam", "schedule_free_adamw"])
+def test_peers_train(peer):
+    module = {"prodigy": "prodigyopt", "dadapt_adam": "dadaptation",
+              "schedule_free_adamw": "schedulefree"}[peer]
+    pytest.importorskip(module)
+    record = sweep.run_point(sweep.Point("vit-digits", peer, 1.0 if peer != "schedule_free_adamw"
+                                         else 1e-3, 64, 0, 1))
+    assert math.isfinite(record["eval_loss"]) and record["eval_loss"] < math.log(10)
+    assert record["gain"] is None
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "hf_activelr.cli", "sweep", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_cli_sweep_is_resumable_and_writes_reports(tmp_path):
+    args = ["--tasks", "vit-digits", "--optims", "active_adamw", "adamw_torch",
+            "--lrs", "1e-3", "1e-1", "--seeds", "0", "--epochs", "1", "--jobs", "2",
+            "--output_dir", str(tmp_path / "out")]
+    first = _cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "[4/4]" in first.stdout and "ETA" in first.stdout
+    out = tmp_path / "out"
+    report = json.loads((out / "sweep.json").read_text())
+    assert len(report["runs"]) == 4
+    assert {row["optim"] for row in report["summary"]} == {"active_adamw", "adamw_torch"}
+    assert (out / "sweep_vit-digits.png").stat().st_size > 10_000
+    table = (out / "sweep.md").read_text()
+    assert "| vit-digits: final eval loss | lr 0.001 | lr 0.1 | best | worst | spread |" in table
+    # A second call redoes nothing; a new learning rate runs only its own points.
+    again = _cli(*args[:-2], "--lrs", "1e-3", "1e-1", "1e-2", "--output_dir", str(out),
+                 cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "4 of 6 runs already done" in again.stdout and "[2/2]" in again.stdout
+    assert len(json.loads((out / "sweep.json").read_text())["runs"]) == 6
+
+
+def test_cli_batch_size_sweep(tmp_path):
+    result = _cli("--tasks", "vit-digits", "--optims", "active_adamw", "--batch-sizes", "64",
+                  "256", "--lr", "1e-3", "--lr-scaling", "linear", "--seeds", "0",
+                  "--epochs", "1", "--jobs", "1", "--output_dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads((tmp_path / "sweep.json").read_text())["runs"]
+    assert sorted((r["batch_size"], r["lr"]) for r in runs) == [(64, 2e-3), (256, 8e-3)]
+    assert "batch size 64 | batch size 256" in (tmp_path / "sweep.md").read_text()
