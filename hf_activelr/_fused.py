@@ -21,14 +21,16 @@ _COMPILED: dict = {}
 _RECOMPILE_LIMIT = 64
 
 
-def _fused_step_impl(delta_fn, param, grad, gain, grad_sum, tensors, scalars):
-    rule.apply_single(param, grad, gain, grad_sum, delta_fn(param, grad, *tensors, **scalars))
+def _fused_step_impl(delta_fn, param, grad, gain, grad_sum, tensors, scalars, alpha):
+    rule.apply_single(param, grad, gain, grad_sum, delta_fn(param, grad, *tensors, **scalars),
+                      alpha)
 
 
-def _fused_chunk_impl(delta_fn, params, grads, gains, grad_sums, tensor_lists, scalars):
+def _fused_chunk_impl(delta_fn, params, grads, gains, grad_sums, tensor_lists, scalars, alpha):
     for param, grad, gain, grad_sum, tensors in zip(params, grads, gains, grad_sums,
                                                     tensor_lists):
-        rule.apply_single(param, grad, gain, grad_sum, delta_fn(param, grad, *tensors, **scalars))
+        rule.apply_single(param, grad, gain, grad_sum, delta_fn(param, grad, *tensors, **scalars),
+                          alpha)
 
 
 def _compiled_for(delta_fn, impl=_fused_step_impl, suffix="", dynamic=True):
@@ -68,7 +70,8 @@ def _as_tensors(scalars: dict, names, like: torch.Tensor, cache: dict) -> dict:
     return converted
 
 
-def fused_step(delta_fn, param, grad, state, tensors, scalars, step_scalars, cache) -> None:
+def fused_step(delta_fn, param, grad, state, tensors, scalars, step_scalars, cache,
+               alpha: float = 1.0) -> None:
     """Run ``delta_fn`` and the rule on one parameter as a single compiled kernel.
     ``step_scalars``: names of the floats that change every step; ``cache``: a dict the caller
     keeps for one step, shared by its parameters."""
@@ -76,7 +79,8 @@ def fused_step(delta_fn, param, grad, state, tensors, scalars, step_scalars, cac
     flat = all(t is None or t.is_contiguous() for t in everything)
     param, grad, gain, grad_sum, *tensors = (_alias(t, flat) for t in everything)
     scalars = _as_tensors(scalars, step_scalars, state["grad_sum"], cache)
-    _compiled_for(delta_fn)(delta_fn, param, grad, gain, grad_sum, tuple(tensors), scalars)
+    _compiled_for(delta_fn)(delta_fn, param, grad, gain, grad_sum, tuple(tensors), scalars,
+                            alpha)
 
 
 # Tensors per compiled call on the chunked path: bounds the compile time of one graph, and
@@ -85,7 +89,7 @@ CHUNK = 24
 
 
 def fused_chunks(delta_fn, params, grads, states, tensor_lists, scalars, step_scalars,
-                 cache) -> None:
+                 cache, alpha: float = 1.0) -> None:
     """The fused step for many parameters sharing the same scalars (the usual case: one param
     group, one step count), ``CHUNK`` tensors per compiled call: one dispatch per chunk instead
     of one per tensor, which is what the per-tensor path spends most of its time on."""
@@ -101,4 +105,5 @@ def fused_chunks(delta_fn, params, grads, states, tensor_lists, scalars, step_sc
             [s["grad_sum"] for s in states[start:stop]],
             [tuple(tensors) for tensors in tensor_lists[start:stop]],
             scalars,
+            alpha,
         )

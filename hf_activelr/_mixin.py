@@ -20,7 +20,7 @@ class ActiveMixin:
         check_active_args(
             group["lr_high"], group["lr_low"], group["period"],
             group["gain_min"], group["gain_max"], group["zero_sum"],
-            group.setdefault("gain_increase", "additive"),
+            group.setdefault("gain_increase", "additive"), group.setdefault("gain_init", 1.0),
         )
         for param in group["params"]:
             if param.is_complex():
@@ -77,7 +77,8 @@ class ActiveMixin:
         if cache is None:
             cache = [
                 rule.gain_summary(
-                    [s["gain"] for s in self._active_states(group)], group.get("gain_changes")
+                    [s["gain"] for s in self._active_states(group)], group.get("gain_changes"),
+                    group.get("gain_init", 1.0),
                 )
                 for group in self.param_groups
             ]

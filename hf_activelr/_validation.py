@@ -54,6 +54,7 @@ GAIN_INCREASES = ("additive", "multiplicative")  # see hf_activelr.rule
 #: The ActiveLR settings every param group carries.
 ACTIVE_GROUP_KEYS = (
     "lr_high", "lr_low", "period", "gain_min", "gain_max", "zero_sum", "gain_increase",
+    "gain_init",
 )
 
 
@@ -76,7 +77,7 @@ def check_period(period, allow_epoch: bool = True):
 
 def check_active_args(
     lr_high, lr_low, period, gain_min=None, gain_max=None, zero_sum="hold",
-    gain_increase="additive",
+    gain_increase="additive", gain_init=1.0,
 ):
     """Validate the ActiveLR hyperparameters; returns them as a dict for a param group."""
     check_real("lr_high", lr_high, low=0.0)
@@ -90,6 +91,11 @@ def check_active_args(
         raise ValueError(f"zero_sum must be one of {ZERO_SUM_POLICIES}, got {zero_sum!r}")
     if gain_increase not in GAIN_INCREASES:
         raise ValueError(f"gain_increase must be one of {GAIN_INCREASES}, got {gain_increase!r}")
+    check_real("gain_init", gain_init, low=0.0, low_open=True)
+    if gain_min is not None and gain_init < gain_min:
+        raise ValueError(f"gain_init must be >= gain_min ({gain_min}), got {gain_init}")
+    if gain_max is not None and gain_init > gain_max:
+        raise ValueError(f"gain_init must be <= gain_max ({gain_max}), got {gain_init}")
     return {
         "lr_high": float(lr_high),
         "lr_low": float(lr_low),
@@ -98,4 +104,5 @@ def check_active_args(
         "gain_max": None if gain_max is None else float(gain_max),
         "zero_sum": zero_sum,
         "gain_increase": gain_increase,
+        "gain_init": float(gain_init),
     }

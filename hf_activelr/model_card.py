@@ -72,7 +72,8 @@ def gain_rows(optimizer_state: dict) -> list[dict]:
             state = optimizer_state["state"].get(param_id, {})
             if "gain" in state:
                 key = layer_type(name)
-                by_type.setdefault(key, []).append(rule.decode_gain(state["gain"]).reshape(-1))
+                gain = rule.decode_gain(state["gain"]).reshape(-1) * group.get("gain_init", 1.0)
+                by_type.setdefault(key, []).append(gain)
     rows = []
     for name, gains in sorted(by_type.items()):
         flat = torch.cat(gains).float()

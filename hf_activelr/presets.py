@@ -25,8 +25,8 @@ from ._validation import EPOCH
 #: make progress is scaled down; consistent signs (a learning rate too small) grow the gain
 #: geometrically, up to ``gain_max``.
 TWO_SIDED = {
-    "lr_high": 0.5, "lr_low": 0.5, "gain_increase": "multiplicative",
-    "gain_min": 0.01, "gain_max": 100.0, "period": 10,
+    "lr_high": 0.5, "lr_low": 0.5, "gain_increase": "multiplicative", "gain_init": 0.01,
+    "gain_min": 0.001, "gain_max": 100.0, "period": 10,
 }
 
 _PAPER_ADAM = {"lr_high": 2.0, "lr_low": 0.5}
@@ -46,5 +46,5 @@ def preset_kwargs(name: str, optimizer_cls=None) -> dict:
         return dict(TWO_SIDED)
     class_name = getattr(optimizer_cls, "__name__", "ActiveAdamW")
     values = _PAPER_ADAM if class_name == "ActiveAdamW" else _PAPER_CONSERVATIVE
-    return {**values, "gain_increase": "additive", "gain_min": None, "gain_max": None,
-            "period": EPOCH}
+    return {**values, "gain_increase": "additive", "gain_init": 1.0, "gain_min": None,
+            "gain_max": None, "period": EPOCH}

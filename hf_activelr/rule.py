@@ -14,7 +14,8 @@ included, ``p *= 1 - lr * g * weight_decay``).
 
 State layout (per element, ``float32``, or ``float64`` for ``float64`` parameters):
 
-- ``gain``: the gain's magnitude, with the *sign bit* holding the sign of the last nonzero
+- ``gain``: the gain's magnitude (relative to the group's ``gain_init``, 1 by default: the
+  update uses ``gain_init * gain``), with the *sign bit* holding the sign of the last nonzero
   period sum; ``0`` means "no nonzero period sum yet" and reads as gain 1. This keeps the
   previous sign without a third tensor (ActiveAdamW: 16 bytes per fp32 parameter, not 20).
 - ``grad_sum``: the running sum ``s`` of the current period.
@@ -119,15 +120,18 @@ def end_period(states: Iterable[dict], group: dict) -> dict:
 
     Runs once per period, so clarity beats speed here; the counts feed :func:`gain_stats`.
     """
-    lr_high, lr_low = group["lr_high"], group["lr_low"]
+    lr_low = group["lr_low"]
     zero_sum = group["zero_sum"]
+    # The state holds gains relative to gain_init (the hot path scales by it): the increase
+    # and the bounds, stated for the real gain, are converted once here.
+    gain_init = group.get("gain_init", 1.0)
     multiplicative = group.get("gain_increase", "additive") == "multiplicative"
     grew = shrank = total = nonfinite = 0
     for state in states:
         packed, grad_sum = state["gain"], state["grad_sum"]
         floor = torch.finfo(packed.dtype).tiny
-        low = floor if group["gain_min"] is None else max(group["gain_min"], floor)
-        high = math.inf if group["gain_max"] is None else group["gain_max"]
+        low = floor if group["gain_min"] is None else max(group["gain_min"] / gain_init, floor)
+        high = math.inf if group["gain_max"] is None else group["gain_max"] / gain_init
         # A NaN sum (a NaN gradient in the period) carries no sign: it counts as a zero sum,
         # and the sum restarts below, so one bad gradient does not poison the gain for good.
         finite = torch.isfinite(grad_sum)
@@ -145,9 +149,9 @@ def end_period(states: Iterable[dict], group: dict) -> dict:
         # The paper's increase is additive; "multiplicative" (as in Rprop) makes the drift of
         # log(gain) under random signs negative when (1 + lr_high) * lr_low < 1.
         if multiplicative:
-            grown = gain * (1.0 + lr_high)
+            grown = gain * (1.0 + group["lr_high"])
         else:
-            grown = gain + lr_high
+            grown = gain + group["lr_high"] / gain_init
         new_gain = torch.where(agree, grown, torch.where(flip, gain * lr_low, gain))
         new_gain.clamp_(low, high)
         if zero_sum == "hold":
@@ -167,14 +171,17 @@ def end_period(states: Iterable[dict], group: dict) -> dict:
 # --- reading the gains -------------------------------------------------------------------
 
 
-def gain_summary(gains: list[torch.Tensor], changes: dict | None) -> dict:
-    """min / median / mean / max of the gains and the shares that grew or shrank last time."""
+def gain_summary(gains: list[torch.Tensor], changes: dict | None, gain_init: float = 1.0) -> dict:
+    """min / median / mean / max of the gains (the stored ones times ``gain_init``) and the
+    shares that grew or shrank last time."""
     if not gains:
         return {
-            "min": 1.0, "median": 1.0, "mean": 1.0, "max": 1.0,
+            "min": gain_init, "median": gain_init, "mean": gain_init, "max": gain_init,
             "grew": 0.0, "shrank": 0.0, "elements": 0, "nonfinite": 0,
         }
     flat = torch.cat([decode_gain(g).reshape(-1).float() for g in gains])
+    if gain_init != 1.0:
+        flat = flat * gain_init
     elements = flat.numel()
     changes = changes or {}
     total = max(changes.get("elements", 0), 1)

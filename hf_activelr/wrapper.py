@@ -34,6 +34,7 @@ class ActiveLR(ActiveMixin, Optimizer):
     def __init__(
         self, optimizer: Optimizer, *, lr_high, lr_low, period=None, gain_min=None,
         gain_max=None, zero_sum="hold", gain_increase="additive",
+        gain_init=1.0,
     ):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -42,7 +43,7 @@ class ActiveLR(ActiveMixin, Optimizer):
         if isinstance(optimizer, ActiveMixin):
             raise TypeError(f"{type(optimizer).__name__} is already Active; do not wrap it again")
         active = check_active_args(
-            lr_high, lr_low, period, gain_min, gain_max, zero_sum, gain_increase
+            lr_high, lr_low, period, gain_min, gain_max, zero_sum, gain_increase, gain_init
         )
         self.optimizer = optimizer
         super().__init__(optimizer.param_groups, {**optimizer.defaults, **active})
@@ -94,11 +95,13 @@ class ActiveLR(ActiveMixin, Optimizer):
             if params:
                 # The raw gradients, before the wrapped optimizer may touch them.
                 torch._foreach_add_([s["grad_sum"] for s in states], [p.grad for p in params])
-                stepped.append((params, states, torch._foreach_mul(params, 1.0)))
+                stepped.append((group, (params, states, torch._foreach_mul(params, 1.0))))
         self.optimizer.step()
-        for params, states, starts in stepped:
+        for group, (params, states, starts) in stepped:
             torch._foreach_sub_(params, starts)  # the wrapped optimizer's displacement
             torch._foreach_mul_(params, [rule.decode_gain(s["gain"]) for s in states])
+            if group["gain_init"] != 1.0:
+                torch._foreach_mul_(params, group["gain_init"])
             torch._foreach_add_(params, starts)
         for group in self.param_groups:
             self._tick(group)

@@ -49,7 +49,9 @@ BASE_DEFAULTS = {
         amsbound=False,
     ),
 }
-ACTIVE_DEFAULTS = dict(gain_min=None, gain_max=None, zero_sum="hold", gain_increase="additive")
+ACTIVE_DEFAULTS = dict(
+    gain_min=None, gain_max=None, zero_sum="hold", gain_increase="additive", gain_init=1.0,
+)
 
 
 # --- the base updates, learning rate ``lr_t = lr * gain`` per element ----------------------
@@ -244,7 +246,7 @@ class Reference:
                 p = group["params"][j]
                 if group["states"][j] is None:
                     group["states"][j] = {
-                        "gain": torch.ones_like(p),
+                        "gain": torch.full_like(p, group["gain_init"]),
                         "sum": torch.zeros_like(p),
                         "prev": [None] * p.numel(),
                         "base": {},

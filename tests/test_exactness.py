@@ -171,7 +171,7 @@ def assert_gains_match(opt, nested_params, reference, msg="", **tol):
                 assert "gain" not in state, f"{msg} group {i} param {j}: unexpected state"
                 continue
             torch.testing.assert_close(
-                decode_gain(state["gain"]), ref_gain, **tol,
+                decode_gain(state["gain"]) * opt.param_groups[i]["gain_init"], ref_gain, **tol,
                 msg=lambda m, i=i, j=j: f"{msg} gains, group {i} param {j}: {m}",
             )
 
@@ -326,13 +326,13 @@ def _active_overrides(period, lr_high, lr_low):
 
 def _run_against_reference(
     variant, *, period, lr_high, lr_low, zero_sum, foreach, steps, none=None, check_every=3,
-    params_tol=TIGHT, gain_increase="additive",
+    params_tol=TIGHT, gain_increase="additive", gain_init=1.0, gains_tol=EXACT,
 ):
     cls, settings, base_groups = VARIANTS[variant]
     active_groups = _active_overrides(period, lr_high, lr_low)
     overrides = [{**b, **a} for b, a in zip(base_groups, active_groups)]
     active_settings = dict(lr_high=lr_high, lr_low=lr_low, period=period, zero_sum=zero_sum,
-                           gain_increase=gain_increase)
+                           gain_increase=gain_increase, gain_init=gain_init)
     ps = make_params(seed=3)
     ref_groups = [{"params": [p.detach() for p in params], **ov}
                   for params, ov in zip(ps, overrides)]
@@ -346,7 +346,7 @@ def _run_against_reference(
         reference.step(step_grads)
         if t % check_every == 0 or t == steps:
             msg = f"{variant} step {t}"
-            assert_gains_match(opt, ps, reference, msg, **EXACT)
+            assert_gains_match(opt, ps, reference, msg, **gains_tol)
             assert_params_close(ps, reference.params(), msg, **params_tol)
     for group in opt.param_groups:
         assert group["active_step"] == steps
@@ -383,16 +383,33 @@ def test_multiplicative_increase_against_reference(variant, zero_sum):
         assert (gains > 1.5).any() and (gains < 1).any()
 
 
+@pytest.mark.parametrize("gain_increase", ["additive", "multiplicative"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gain_init_against_reference(variant, gain_increase):
+    """Gains that start below 1 (the two-sided preset's 0.01): the update uses gain_init times
+    the stored gain, and the increase and the bounds apply to the real gain."""
+    for foreach in (True, False):
+        opt, _ = _run_against_reference(
+            variant, period=2, lr_high=0.5, lr_low=0.5, zero_sum="hold", foreach=foreach,
+            steps=40, gain_increase=gain_increase, gain_init=0.3,
+            gains_tol=dict(rtol=1e-13, atol=0.0),
+        )
+        stats = opt.gain_stats()
+        assert max(g["max"] for g in stats) > 0.3 > min(g["min"] for g in stats)
+
+
 def test_multiplicative_increase_by_hand():
-    """Signs +, +, +, - over four boundaries: 1 -> 1.5 -> 2.25 -> 1.125 (times 1.5, then 0.5)."""
+    """Signs +, +, +, - over four boundaries: 0.01 (gain_init), 0.015, 0.0225, 0.01125."""
     p = torch.nn.Parameter(torch.zeros(2, dtype=F64))
     opt = ActiveAdamW([p], lr=0.01, **{**preset_kwargs("two_sided"), "period": 1})
     gains = []
     for sign in (1.0, 1.0, 1.0, -1.0):
         p.grad = torch.full((2,), sign, dtype=F64)
         opt.step()
-        gains.append(decode_gain(opt.state[p]["gain"])[0].item())
-    assert gains == [1.0, 1.5, 2.25, 1.125]
+        gains.append(opt.gain_stats()[0]["max"])
+    assert gains == pytest.approx([0.01, 0.015, 0.0225, 0.01125], rel=1e-6)
+    torch.testing.assert_close(decode_gain(opt.state[p]["gain"]), torch.full((2,), 1.125,
+                                                                           dtype=F64))
 
 
 @pytest.mark.parametrize("zero_sum", ["hold", "flip"])

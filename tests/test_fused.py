@@ -11,6 +11,7 @@ CASES = [
     (hal.ActiveSGD, dict(lr_high=0.5, lr_low=0.5, momentum=0.9, weight_decay=0.1, nesterov=True)),
     (hal.ActiveAdamW, dict(amsgrad=True)),
     (hal.ActiveAdamW, dict()),
+    (hal.ActiveAdamW, {**hal.preset_kwargs("two_sided"), "period": 3}),
     (hal.ActiveRAdam, dict(weight_decay=0.1, decoupled_weight_decay=True)),
     (hal.ActiveAdaBelief, dict(weight_decay=0.1)),
     (hal.ActiveAdaBelief, dict(rectify=False, amsgrad=True)),
@@ -24,7 +25,8 @@ def _run(cls, kwargs, fused, dtype, steps=24, skip_some=False):
     then runs one call per tensor instead of chunks)."""
     torch.manual_seed(1)
     params = [torch.nn.Parameter(torch.randn(shape).to(dtype)) for shape in SHAPES]
-    optimizer = cls(params, period=3, fused=fused, foreach=None if fused else False, **kwargs)
+    optimizer = cls(params, **{"period": 3, **kwargs}, fused=fused,
+                    foreach=None if fused else False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
     generator = torch.Generator().manual_seed(2)
     for step in range(steps):

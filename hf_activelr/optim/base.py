@@ -50,12 +50,13 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
         gain_min=None,
         gain_max=None,
         gain_increase="additive",
+        gain_init=1.0,
         zero_sum="hold",
         foreach=None,
         fused=None,
     ):
         active = check_active_args(
-            lr_high, lr_low, period, gain_min, gain_max, zero_sum, gain_increase
+            lr_high, lr_low, period, gain_min, gain_max, zero_sum, gain_increase, gain_init
         )
         if foreach is not None:
             check_bool("foreach", foreach)
@@ -141,14 +142,16 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
                 p_, g_, s_ = ([seq[i] for i in idx] for seq in (params, grads, states))
                 deltas, alpha = self._foreach_delta(group, p_, g_, s_)
                 rule.apply_foreach(
-                    p_, g_, [s["gain"] for s in s_], [s["grad_sum"] for s in s_], deltas, alpha
+                    p_, g_, [s["gain"] for s in s_], [s["grad_sum"] for s in s_], deltas,
+                    alpha * group["gain_init"],
                 )
             return
         prepared = [self._prepare(group, p, s) for p, s in zip(params, states)]
         if path == "single":
             for param, grad, state, (tensors, scalars) in zip(params, grads, states, prepared):
                 delta = type(self)._delta(param, grad, *tensors, **scalars)
-                rule.apply_single(param, grad, state["gain"], state["grad_sum"], delta)
+                rule.apply_single(param, grad, state["gain"], state["grad_sum"], delta,
+                                  group["gain_init"])
             return
         scalar_cache: dict = {}  # the fused path's per-step scalars, shared by the group
         if len(params) == len(group["params"]):
@@ -164,14 +167,14 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
                 fused_chunks(
                     type(self)._delta, [params[i] for i in indices], [grads[i] for i in indices],
                     [states[i] for i in indices], [prepared[i][0] for i in indices], scalars,
-                    self._step_scalars, scalar_cache,
+                    self._step_scalars, scalar_cache, group["gain_init"],
                 )
             return
         # Some parameters have no gradient this step: one call per tensor, so a changing set
         # of parameters never triggers a compilation.
         for param, grad, state, (tensors, scalars) in zip(params, grads, states, prepared):
             fused_step(type(self)._delta, param, grad, state, tensors, scalars,
-                       self._step_scalars, scalar_cache)
+                       self._step_scalars, scalar_cache, group["gain_init"])
 
     def load_state_dict(self, state_dict) -> None:
         self._validate_state_dict(state_dict)
