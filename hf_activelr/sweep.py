@@ -171,6 +171,7 @@ def run_point(point: Point) -> dict:
             per_device_train_batch_size=point.batch_size, per_device_eval_batch_size=256,
             eval_strategy="no", save_strategy="no", report_to="none", seed=point.seed,
             logging_steps=max(steps_per_epoch // 2, 1), disable_tqdm=True,
+            logging_nan_inf_filter=False,  # a NaN loss must reach the divergence check
             dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
         )
         trainer = ActiveTrainer(

@@ -92,13 +92,14 @@ class TokenStream(torch.utils.data.IterableDataset):
 
 
 def training_args(output_dir, **overrides):
-    """TrainingArguments for a quick CPU run with ``active_adamw`` (fused path off)."""
+    """TrainingArguments for a quick CPU run with ``active_adamw_paper`` (the paper's rule, one
+    epoch per period; fused path off)."""
     from transformers import TrainingArguments
 
     kwargs = dict(
         output_dir=str(output_dir), use_cpu=True, report_to=[], disable_tqdm=True,
         per_device_train_batch_size=2, num_train_epochs=1, learning_rate=1e-2,
-        lr_scheduler_type="constant", optim="active_adamw", optim_args=FAST,
+        lr_scheduler_type="constant", optim="active_adamw_paper", optim_args=FAST,
         logging_steps=1, save_strategy="no", seed=0, dataloader_num_workers=0,
     )
     kwargs.update(overrides)

@@ -65,11 +65,11 @@ def test_python_m_hf_activelr_run(tmp_path):
     out = tmp_path / "out"
     run_command(
         [sys.executable, "-m", "hf_activelr.run", str(SCRIPT),
-         *script_args(out, "--optim", "active_adamw", "--optim_args", "fused=false")],
+         *script_args(out, "--optim", "active_adamw_paper", "--optim_args", "fused=false")],
         cwd=tmp_path,
     )
     summary = read_summary(out)
-    assert summary["optim"] == "active_adamw"
+    assert summary["optim"] == "active_adamw_paper"
     check_epoch_period_run(summary)
     assert all(g["fused"] is False for g in summary["optimizer"]["groups"])
     assert (out / "train_results.json").exists()
@@ -112,7 +112,7 @@ def test_accelerate_launch_one_process(tmp_path):
         [exe, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no",
          "-m", "hf_activelr.run", str(SCRIPT),
-         *script_args(out, "--optim", "active_adamw", "--optim_args", "fused=false")],
+         *script_args(out, "--optim", "active_adamw_paper", "--optim_args", "fused=false")],
         cwd=tmp_path,
     )
     summary = read_summary(out)

@@ -1,7 +1,7 @@
 """Data-parallel training on 2 CPU processes (gloo): every rank ends with the same parameters
 and gains, and they match a 1-process run with the same global batch.
 
-The worker is tests/scripts/train_ddp.py (tiny GPT-2, stock Trainer, ``active_adamw`` with the
+The worker is tests/scripts/train_ddp.py (tiny GPT-2, stock Trainer, ``active_adamw_paper`` with the
 default one-epoch period, ``fused=false``); it saves ``rank{N}.pt`` per process.
 
 Launchers: ``torchrun`` (``python -m torch.distributed.run``) and ``accelerate launch
@@ -36,7 +36,7 @@ def worker_args(output_dir, per_device_batch: int) -> list[str]:
     return [
         "--output_dir", str(output_dir), "--use_cpu", "--report_to", "none",
         "--disable_tqdm", "true", "--save_strategy", "no", "--seed", "0",
-        "--optim", "active_adamw", "--optim_args", "fused=false",
+        "--optim", "active_adamw_paper", "--optim_args", "fused=false",
         "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
         "--num_train_epochs", str(EPOCHS), "--num_train_examples", str(EXAMPLES),
         "--per_device_train_batch_size", str(per_device_batch),

@@ -78,7 +78,7 @@ def test_registered_task_is_swept():
     assert "vit-digits-short" in available_tasks()
     record = sweep.run_point(sweep.Point("vit-digits-short", "active_adamw", 1e-3, 64, 0, 0.25))
     assert record["steps"] == 6 and math.isfinite(record["eval_loss"])
-    assert not record["diverged"] and record["gain"]["max"] >= 1.0
+    assert record["gain"]["min"] >= 0.001 and record["gain"]["max"] <= 100  # two-sided preset
 
 
 def test_nonfinite_loss_stops_the_run_and_counts_as_diverged():
