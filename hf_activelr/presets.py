@@ -25,7 +25,7 @@ from ._validation import EPOCH
 #: make progress is scaled down; consistent signs (a learning rate too small) grow the gain
 #: geometrically, up to ``gain_max``.
 TWO_SIDED = {
-    "lr_high": 0.5, "lr_low": 0.5, "gain_increase": "multiplicative", "gain_init": 0.01,
+    "lr_high": 0.5, "lr_low": 0.5, "gain_increase": "multiplicative", "gain_init": 0.1,
     "gain_min": 0.001, "gain_max": 100.0, "period": 10,
 }
 

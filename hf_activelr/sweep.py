@@ -112,6 +112,19 @@ def check_optimizer(spec: str) -> None:
         entry.optimizer_cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
 
 
+def resolved_settings(spec: str) -> dict | None:
+    """The ActiveLR keyword arguments ``spec`` stands for (its name's preset plus its options),
+    stored with each run: a finished run is redone when they change (e.g. a new preset)."""
+    from . import registry
+
+    name, options = split_optim(spec)
+    if name not in registry.available_optimizers():
+        return None
+    entry = registry.get(name)
+    items = dict(item.split("=", 1) for item in options.split(",")) if options else {}
+    return json.loads(json.dumps({**entry.defaults, **registry.parse_options(entry, items)}))
+
+
 def _peer_optimizer(name: str, options: str | None, lr: float):
     module, cls_name, _ = PEERS[name]
     cls = getattr(__import__(module), cls_name)
@@ -190,6 +203,7 @@ def run_point(point: Point) -> dict:
     chance = info["chance_loss"]
     return {
         **asdict(point),
+        "settings": resolved_settings(point.optim),
         "eval_loss": eval_loss,
         "diverged": bool(diverged.diverged or not math.isfinite(eval_loss) or eval_loss > chance),
         "chance_loss": chance,
@@ -260,8 +274,9 @@ def sweep(points: list[Point], output_dir, jobs: int = 1, threads: int | None = 
     records: dict[Point, dict] = {}
     todo = []
     for point, path in paths.items():
-        if path.exists() and not force:
-            records[point] = json.loads(path.read_text())
+        record = json.loads(path.read_text()) if path.exists() and not force else None
+        if record is not None and record.get("settings") == resolved_settings(point.optim):
+            records[point] = record
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             todo.append((point, path))

@@ -6,7 +6,7 @@ configs, on data that ships with Python or scikit-learn:
 - ``vit-digits``: a 2-layer ViT (64 wide, 2x2 patches) classifying scikit-learn's 8x8 digits
   (the ViT recipe's offline default); 1437 training / 360 validation images, 20 epochs.
 - ``gpt2-text``: a 2-layer character-level GPT-2 (64 wide, context 128) on Python's own English
-  documentation (the GPT-2 recipe's offline corpus, first 400k training characters), 5 epochs.
+  documentation (the GPT-2 recipe's offline corpus, first 300k training characters), 5 epochs.
 
 Register more with :func:`register_task`: a :class:`SweepTask` says how to build the datasets
 (once per process) and a fresh model (once per run, from the seed).

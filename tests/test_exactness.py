@@ -399,7 +399,7 @@ def test_gain_init_against_reference(variant, gain_increase):
 
 
 def test_multiplicative_increase_by_hand():
-    """Signs +, +, +, - over four boundaries: 0.01 (gain_init), 0.015, 0.0225, 0.01125."""
+    """Signs +, +, +, - over four boundaries: 0.1 (gain_init), 0.15, 0.225, 0.1125."""
     p = torch.nn.Parameter(torch.zeros(2, dtype=F64))
     opt = ActiveAdamW([p], lr=0.01, **{**preset_kwargs("two_sided"), "period": 1})
     gains = []
@@ -407,7 +407,7 @@ def test_multiplicative_increase_by_hand():
         p.grad = torch.full((2,), sign, dtype=F64)
         opt.step()
         gains.append(opt.gain_stats()[0]["max"])
-    assert gains == pytest.approx([0.01, 0.015, 0.0225, 0.01125], rel=1e-6)
+    assert gains == pytest.approx([0.1, 0.15, 0.225, 0.1125], rel=1e-6)
     torch.testing.assert_close(decode_gain(opt.state[p]["gain"]), torch.full((2,), 1.125,
                                                                            dtype=F64))
 

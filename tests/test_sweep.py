@@ -123,6 +123,18 @@ def test_cli_sweep_is_resumable_and_writes_reports(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "4 of 6 runs already done" in again.stdout and "[2/2]" in again.stdout
     assert len(json.loads((out / "sweep.json").read_text())["runs"]) == 6
+    # Changing what a name stands for (here: its preset's gain_init) redoes its runs only.
+    from hf_activelr import registry
+
+    entry = registry.get("active_adamw")
+    stored = json.loads(next((out / "runs" / "vit-digits" / "active_adamw").glob("*.json"))
+                        .read_text())
+    assert stored["settings"] == entry.defaults
+    stored["settings"]["gain_init"] = 0.5
+    path = next((out / "runs" / "vit-digits" / "active_adamw").glob("*.json"))
+    path.write_text(json.dumps(stored))
+    third = _cli(*args, cwd=tmp_path)
+    assert "3 of 4 runs already done" in third.stdout and "[1/1]" in third.stdout
 
 
 def test_cli_batch_size_sweep(tmp_path):
