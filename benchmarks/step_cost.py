@@ -6,8 +6,12 @@
 
 Prints a markdown table: median step time (ms) over ``--steps`` timed steps after warm-up (a
 fused variant's first step compiles its kernel: that time is reported apart), the ratio to
-torch's fused AdamW (Adam family) or fused SGD (SGD) measured in the same run, and optimizer
-state bytes per parameter. Gradients are fixed random tensors, so only the step is timed.
+torch's fused AdamW (Adam family) or fused SGD (SGD), and optimizer state bytes per parameter.
+Gradients are fixed random tensors, so only the step is timed.
+
+The ratio is *paired*: the peer stays in memory and the two step in turn, and the ratio is the
+median of the per-pair ratios (with its 25-75% range). On a shared machine the load drifts
+between one optimizer's steps and the next's by 20-50%; adjacent steps see the same load.
 """
 
 from __future__ import annotations
@@ -136,6 +140,23 @@ def time_steps(optimizer, steps: int, warmup: int, device) -> tuple[float, float
     return first * 1e3, statistics.median(times) * 1e3
 
 
+def paired_ratios(optimizer, peer, steps: int, device) -> list[float]:
+    """``steps`` pairs of (peer step, optimizer step); the ratio of each pair's times."""
+    def timed(opt):
+        start = time.perf_counter()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return [timed(optimizer) / timed(peer) for _ in range(steps)]
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return q[0], q[2]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12, help="transformer blocks (12: GPT-2)")
@@ -153,20 +174,28 @@ def main(argv=None):
     print(f"# step cost: {numel / 1e6:.1f}M parameters in {len(shapes)} tensors, {dtype}, "
           f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print()
-    print("| optimizer | median step (ms) | ratio to torch fused peer | state bytes/param "
-          "| first step (ms) |")
-    print("|---|---|---|---|---|")
-    peers: dict[str, float] = {}
+    print("| optimizer | median step (ms) | ratio to torch fused peer (paired median) "
+          "| ratio 25-75% | state bytes/param | first step (ms) |")
+    print("|---|---|---|---|---|---|")
+    peers: dict[str, object] = {}  # peer name -> its optimizer, kept for paired timing
     for name, peer, factory in candidates(args):
         params = make_params(shapes, device, dtype)
         optimizer = factory(params)
         first, median = time_steps(optimizer, args.steps, args.warmup, device)
         if name in ("torch AdamW fused", "torch SGD fused"):
-            peers[peer] = median
-        ratio = f"{median / peers[peer]:.2f}x" if peer in peers else "n/a"
-        print(f"| {name} | {median:.1f} | {ratio} | {state_bytes(optimizer) / numel:.1f} "
-              f"| {first:.0f} |", flush=True)
-        del optimizer, params
+            peers[peer] = optimizer
+            ratio, spread = "1.00x", ""
+        elif peer in peers:
+            ratios = paired_ratios(optimizer, peers[peer], args.steps, device)
+            low, high = quartiles(ratios)
+            ratio, spread = f"{statistics.median(ratios):.2f}x", f"{low:.2f}-{high:.2f}"
+        else:
+            ratio, spread = "n/a", ""
+        print(f"| {name} | {median:.1f} | {ratio} | {spread} | "
+              f"{state_bytes(optimizer) / numel:.1f} | {first:.0f} |", flush=True)
+        if optimizer not in peers.values():
+            del optimizer
+        del params
         gc.collect()
     return 0
 
