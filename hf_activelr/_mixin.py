@@ -8,6 +8,10 @@ import torch
 from . import rule
 from ._validation import EPOCH, check_active_args, check_period
 
+# Group settings added after the first release, with the values that reproduce the rule a
+# state saved without them ran (the paper's additive increase, gains from 1).
+PRE_OPTION_DEFAULTS = {"gain_increase": "additive", "gain_init": 1.0}
+
 
 class ActiveMixin:
     """Mixed into ``torch.optim.Optimizer`` subclasses whose state holds ActiveLR gains."""
@@ -20,7 +24,7 @@ class ActiveMixin:
         check_active_args(
             group["lr_high"], group["lr_low"], group["period"],
             group["gain_min"], group["gain_max"], group["zero_sum"],
-            group.setdefault("gain_increase", "additive"), group.setdefault("gain_init", 1.0),
+            group["gain_increase"], group["gain_init"],
         )
         for param in group["params"]:
             if param.is_complex():
@@ -78,7 +82,7 @@ class ActiveMixin:
             cache = [
                 rule.gain_summary(
                     [s["gain"] for s in self._active_states(group)], group.get("gain_changes"),
-                    group.get("gain_init", 1.0),
+                    group["gain_init"],
                 )
                 for group in self.param_groups
             ]
@@ -176,6 +180,10 @@ class ActiveMixin:
                 if key in saved_state:
                     self.state[param][key] = saved_state[key].to(device=param.device, copy=True)
         for group, previous in zip(self.param_groups, previous_groups):
+            if "lr_high" in group:
+                # Saved by an Active optimizer from before these options: the rule it ran.
+                for key, value in PRE_OPTION_DEFAULTS.items():
+                    group.setdefault(key, value)
             for key, value in previous.items():
                 if key not in ("active_step", "gain_changes"):  # a plain group restarts the clock
                     group.setdefault(key, value)

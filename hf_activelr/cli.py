@@ -68,13 +68,9 @@ def _card(args) -> int:
     return 0
 
 
-def _sweep_defaults(name):
-    from . import sweep
-
-    return {"lrs": sweep.DEFAULT_LRS, "seeds": sweep.DEFAULT_SEEDS}[name]
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .sweep import DEFAULT_LRS, DEFAULT_SEEDS
+
     parser = argparse.ArgumentParser(
         prog="hf-activelr", description="ActiveLR optimizers for the Hugging Face Trainer."
     )
@@ -112,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "optim_args: 'active_adamw:preset=paper' (default: active_adamw, its "
                        "paper preset, adamw_torch and the installed peers: prodigy, "
                        "dadapt_adam, schedule_free_adamw)")
-    sweep.add_argument("--lrs", nargs="+", type=float, default=list(_sweep_defaults("lrs")),
+    sweep.add_argument("--lrs", nargs="+", type=float, default=list(DEFAULT_LRS),
                        help="initial learning rates (default: 1e-5 ... 1e-1, one per decade)")
-    sweep.add_argument("--seeds", nargs="+", type=int, default=list(_sweep_defaults("seeds")))
+    sweep.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
     sweep.add_argument("--batch-sizes", "--batch_sizes", dest="batch_sizes", nargs="+",
                        type=int, help="sweep batch sizes at --lr instead of learning rates")
     sweep.add_argument("--lr", type=float, default=1e-3,

@@ -23,6 +23,8 @@ import pathlib
 import sys
 import sysconfig
 
+from .reporting import write_json
+
 _SKIP_PARTS = {
     "test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo",
 }
@@ -42,10 +44,7 @@ def _stdlib_docstrings(min_chars: int) -> list[str]:
         pass
     documents = _parse_stdlib_docstrings(root, min_chars)
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        temporary = cached.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(documents))
-        temporary.replace(cached)  # atomic: concurrent processes never read half a file
+        write_json(cached, documents, indent=None)  # atomic: concurrent processes share it
     except OSError:
         pass  # a read-only home: parse every time
     return documents

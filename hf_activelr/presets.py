@@ -18,6 +18,8 @@ win over a preset).
 
 from __future__ import annotations
 
+import inspect
+
 from ._validation import EPOCH
 
 #: The two-sided rule (see module docstring). Under random signs ``log(gain)`` drifts by
@@ -29,8 +31,9 @@ TWO_SIDED = {
     "gain_min": 0.001, "gain_max": 100.0, "period": 10,
 }
 
-_PAPER_ADAM = {"lr_high": 2.0, "lr_low": 0.5}
-_PAPER_CONSERVATIVE = {"lr_high": 0.05, "lr_low": 0.95}
+#: The paper's rule where a class has no published values (SGD, AdaBound, the wrapper): the
+#: authors' conservative RAdam / AdaBelief settings.
+PAPER_FALLBACK = {"lr_high": 0.05, "lr_low": 0.95}
 
 PRESETS = ("paper", "two_sided")
 DEFAULT_PRESET = "two_sided"
@@ -44,7 +47,15 @@ def preset_kwargs(name: str, optimizer_cls=None) -> dict:
         raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
     if name == "two_sided":
         return dict(TWO_SIDED)
-    class_name = getattr(optimizer_cls, "__name__", "ActiveAdamW")
-    values = _PAPER_ADAM if class_name == "ActiveAdamW" else _PAPER_CONSERVATIVE
+    if optimizer_cls is None:
+        from .optim import ActiveAdamW as optimizer_cls
+    # The classes' own defaults are the authors' values (ActiveAdamW 2.0 / 0.5, ...).
+    parameters = inspect.signature(optimizer_cls).parameters
+    values = {
+        key: parameters[key].default
+        if key in parameters and parameters[key].default is not inspect.Parameter.empty
+        else fallback
+        for key, fallback in PAPER_FALLBACK.items()
+    }
     return {**values, "gain_increase": "additive", "gain_init": 1.0, "gain_min": None,
             "gain_max": None, "period": EPOCH}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .optim import ActiveAdaBelief, ActiveAdaBound, ActiveAdamW, ActiveRAdam, ActiveSGD
-from .presets import DEFAULT_PRESET, preset_kwargs
+from .presets import DEFAULT_PRESET, PAPER_FALLBACK, preset_kwargs
 
 # Types of ActiveLR keyword arguments whose defaults (None) do not tell.
 ACTIVE_OPTION_TYPES = {
@@ -142,12 +142,12 @@ def _parse_value(key: str, text, kind: type):
 
 # Built-in names. ActiveSGD and ActiveAdaBound have no published ActiveLR settings: they get
 # the conservative RAdam/AdaBelief ones (lr_high=0.05, lr_low=0.95).
-register("active_sgd", ActiveSGD, lr_high=0.05, lr_low=0.95)
+register("active_sgd", ActiveSGD, **PAPER_FALLBACK)
 # ``active_adamw`` uses the default preset (two-sided, chosen by LR sweeps: README); the
 # paper's rule stays available, unchanged, as ``active_adamw_paper`` or optim_args="preset=paper".
 register("active_adamw", ActiveAdamW, **preset_kwargs(DEFAULT_PRESET, ActiveAdamW))
 register("active_adamw_paper", ActiveAdamW, **preset_kwargs("paper", ActiveAdamW))
 register("active_radam", ActiveRAdam)
 register("active_adabelief", ActiveAdaBelief)
-register("active_adabound", ActiveAdaBound, lr_high=0.05, lr_low=0.95)
-register("active_amsbound", ActiveAdaBound, lr_high=0.05, lr_low=0.95, amsbound=True)
+register("active_adabound", ActiveAdaBound, **PAPER_FALLBACK)
+register("active_amsbound", ActiveAdaBound, **PAPER_FALLBACK, amsbound=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import re
 
@@ -49,11 +50,19 @@ def build_results(trainer, metrics: dict, extra: dict | None = None) -> dict:
     return results
 
 
-def write_results(path, results: dict) -> pathlib.Path:
+def write_json(path, data, indent: int | None = 2) -> pathlib.Path:
+    """Write ``data`` as JSON atomically (a temporary file, then a rename): a concurrent reader
+    or an interrupted run never sees half a file."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data, indent=indent, default=str) + "\n")
+    temporary.replace(path)
     return path
+
+
+def write_results(path, results: dict) -> pathlib.Path:
+    return write_json(path, results)
 
 
 def series(log_history: list[dict], key: str) -> tuple[list[float], list[float]]:

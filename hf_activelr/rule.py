@@ -128,8 +128,8 @@ def end_period(states: Iterable[dict], group: dict) -> dict:
     zero_sum = group["zero_sum"]
     # The state holds gains relative to gain_init (the hot path scales by it): the increase
     # and the bounds, stated for the real gain, are converted once here.
-    gain_init = group.get("gain_init", 1.0)
-    multiplicative = group.get("gain_increase", "additive") == "multiplicative"
+    gain_init = group["gain_init"]
+    multiplicative = group["gain_increase"] == "multiplicative"
     grew = shrank = total = nonfinite = 0
     for state in states:
         packed, grad_sum = state["gain"], state["grad_sum"]

@@ -31,6 +31,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+from .reporting import write_json
+
 DEFAULT_LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 DEFAULT_SEEDS = (0, 1)
 LR_SCALINGS = ("none", "linear", "sqrt")
@@ -79,6 +81,15 @@ def split_optim(spec: str) -> tuple[str, str | None]:
     return name, options or None
 
 
+def _option_pairs(spec: str) -> dict[str, str]:
+    """``"name:a=1,b=x"`` -> ``{"a": "1", "b": "x"}`` (the strings ``optim_args`` holds)."""
+    _, options = split_optim(spec)
+    items = [item.split("=", 1) for item in options.split(",")] if options else []
+    if any(len(item) != 2 for item in items):
+        raise ValueError(f"optimizer {spec!r}: options must be key=value,key=value")
+    return dict(items)
+
+
 def check_optimizer(spec: str) -> None:
     """Fail before any training when a name is unknown or a peer is not installed."""
     from transformers.training_args import OptimizerNames
@@ -98,18 +109,14 @@ def check_optimizer(spec: str) -> None:
             f"unknown optimizer {name!r}: a transformers optim name (e.g. adamw_torch), one of "
             f"{', '.join(registry.available_optimizers())}, or a peer: {', '.join(PEERS)}"
         )
-    if name in registry.available_optimizers():
+    kwargs = resolved_settings(spec)
+    if kwargs is not None:
         import torch
 
-        entry = registry.get(name)
-        items = [item.split("=", 1) for item in options.split(",")] if options else []
-        if any(len(item) != 2 for item in items):
-            raise ValueError(f"optimizer {spec!r}: options must be key=value,key=value")
-        kwargs = {**entry.defaults, **registry.parse_options(entry, dict(items))}
         if kwargs.get("period", "epoch") == "epoch":
             kwargs["period"] = 1
         # Construct it once on a dummy parameter: out-of-range values fail now, not mid-sweep.
-        entry.optimizer_cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+        registry.get(name).optimizer_cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
 
 
 def resolved_settings(spec: str) -> dict | None:
@@ -117,40 +124,39 @@ def resolved_settings(spec: str) -> dict | None:
     stored with each run: a finished run is redone when they change (e.g. a new preset)."""
     from . import registry
 
-    name, options = split_optim(spec)
+    name, _ = split_optim(spec)
     if name not in registry.available_optimizers():
         return None
     entry = registry.get(name)
-    items = dict(item.split("=", 1) for item in options.split(",")) if options else {}
-    return json.loads(json.dumps({**entry.defaults, **registry.parse_options(entry, items)}))
+    settings = {**entry.defaults, **registry.parse_options(entry, _option_pairs(spec))}
+    return json.loads(json.dumps(settings))  # as a stored record reads it back (lists, not tuples)
 
 
-def _peer_optimizer(name: str, options: str | None, lr: float):
+def _peer_optimizer(spec: str, lr: float):
+    name, _ = split_optim(spec)
     module, cls_name, _ = PEERS[name]
     cls = getattr(__import__(module), cls_name)
     kwargs = {"lr": lr}
-    for item in (options or "").split(",") if options else []:
-        key, value = item.split("=", 1)
+    for key, value in _option_pairs(spec).items():
         kwargs[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
     return cls, kwargs
 
 
-class _DivergenceCallback:
-    """Stops a run as soon as its training loss is not finite (nothing more to learn)."""
+def _divergence_callback():
+    """A callback that stops a run as soon as its training loss is not finite (nothing more to
+    learn) and remembers it in ``.diverged``."""
+    from transformers import TrainerCallback
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    class DivergenceCallback(TrainerCallback):
+        diverged = False
 
-        class Callback(TrainerCallback):
-            diverged = False
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                self.diverged = True
+                control.should_training_stop = True
 
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                loss = (logs or {}).get("loss")
-                if loss is not None and not math.isfinite(loss):
-                    self.diverged = True
-                    control.should_training_stop = True
-
-        return Callback()
+    return DivergenceCallback()
 
 
 _DATA_CACHE: dict = {}
@@ -173,8 +179,8 @@ def run_point(point: Point) -> dict:
     set_seed(point.seed)
     model = task.build_model(info)
     name, options = split_optim(point.optim)
-    peer = _peer_optimizer(name, options, point.lr) if name in PEERS else None
-    diverged = _DivergenceCallback()
+    peer = _peer_optimizer(point.optim, point.lr) if name in PEERS else None
+    diverged = _divergence_callback()
     steps_per_epoch = math.ceil(len(train) / point.batch_size)
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
@@ -223,9 +229,7 @@ def _worker_init(threads: int) -> None:
 def _run_and_store(job) -> dict:
     point, path = job
     record = run_point(point)
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(record, indent=1))
-    temporary.replace(path)
+    write_json(path, record, indent=1)
     return record
 
 
@@ -240,28 +244,24 @@ def plan(tasks, optimizers, lrs, seeds, batch_sizes=None, lr=1e-3, lr_scaling="n
     for value in [*lrs, lr]:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"learning rates must be positive finite numbers, got {value!r}")
+    for batch_size in batch_sizes or ():
+        if not (isinstance(batch_size, int) and batch_size > 0):
+            raise ValueError(f"batch sizes must be positive ints, got {batch_size!r}")
     for spec in optimizers:
         check_optimizer(spec)
     points = []
     for task_name in tasks:
         task = get_task(task_name)
-        task_epochs = task.epochs if epochs is None else epochs
+        if batch_sizes:
+            scale = {"none": lambda r: 1.0, "linear": lambda r: r, "sqrt": math.sqrt}[lr_scaling]
+            settings = [(lr * scale(b / task.batch_size), b) for b in batch_sizes]
+        else:
+            settings = [(float(value), task.batch_size) for value in lrs]
         for spec in optimizers:
             for seed in seeds:
-                if batch_sizes:
-                    for batch_size in batch_sizes:
-                        if not (isinstance(batch_size, int) and batch_size > 0):
-                            raise ValueError(
-                                f"batch sizes must be positive ints, got {batch_size!r}")
-                        ratio = batch_size / task.batch_size
-                        scale = {"none": 1.0, "linear": ratio,
-                                 "sqrt": math.sqrt(ratio)}[lr_scaling]
-                        points.append(Point(task_name, spec, lr * scale, batch_size, seed,
-                                            task_epochs))
-                else:
-                    for value in lrs:
-                        points.append(Point(task_name, spec, float(value), task.batch_size, seed,
-                                            task_epochs))
+                for value, batch_size in settings:
+                    points.append(Point(task_name, spec, value, batch_size, seed,
+                                        task.epochs if epochs is None else epochs))
     return points
 
 

@@ -95,9 +95,9 @@ class ActiveLR(ActiveMixin, Optimizer):
             if params:
                 # The raw gradients, before the wrapped optimizer may touch them.
                 torch._foreach_add_([s["grad_sum"] for s in states], [p.grad for p in params])
-                stepped.append((group, (params, states, torch._foreach_mul(params, 1.0))))
+                stepped.append((group, params, states, torch._foreach_mul(params, 1.0)))
         self.optimizer.step()
-        for group, (params, states, starts) in stepped:
+        for group, params, states, starts in stepped:
             torch._foreach_sub_(params, starts)  # the wrapped optimizer's displacement
             torch._foreach_mul_(params, [rule.decode_gain(s["gain"]) for s in states])
             if group["gain_init"] != 1.0:

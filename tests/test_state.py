@@ -651,3 +651,31 @@ def test_flip_halves_zero_sum_each_period(cls):
         opt.step()
         seen.append(decode_gain(opt.state[p]["gain"]).item())
     assert seen == [1, 1, 1, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125, 0.0625]
+
+
+def test_state_saved_before_gain_increase_and_gain_init_resumes_with_its_rule():
+    """Groups saved before ``gain_increase`` / ``gain_init`` existed ran the paper's additive
+    rule from gain 1: loading them into a two-sided optimizer keeps that rule, not the preset's."""
+    params = make_params()
+    original = ActiveAdamW(params, lr=0.01, period=2)
+    for t in range(1, 8):
+        set_grads(params, t)
+        original.step()
+    saved = copy.deepcopy(original.state_dict())
+    for group in saved["param_groups"]:
+        del group["gain_increase"], group["gain_init"]
+    resumed_params = clone_params(params)
+    resumed = ActiveAdamW(resumed_params, lr=0.01,
+                          **hf_activelr.preset_kwargs("two_sided"))
+    resumed.load_state_dict(saved)
+    assert all((g["gain_increase"], g["gain_init"]) == ("additive", 1.0)
+               for g in resumed.param_groups)
+    for t in range(8, 16):
+        set_grads(params, t)
+        set_grads(resumed_params, t)
+        original.step()
+        resumed.step()
+    for p, q in zip(params, resumed_params):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for a, b in zip(gains(original, params), gains(resumed, resumed_params)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
