@@ -70,6 +70,8 @@ def candidates(args):
         ("torch AdamW fused", "adamw", lambda p: torch.optim.AdamW(p, fused=True)),
         ("torch AdamW foreach", "adamw", lambda p: torch.optim.AdamW(p, foreach=True)),
         ("ActiveAdamW fused", "adamw", lambda p: hal.ActiveAdamW(p, period=period, fused=True)),
+        ("ActiveAdamW fused, bf16 sums", "adamw", lambda p: hal.ActiveAdamW(
+            p, period=period, grad_sum_dtype="bfloat16", fused=True)),
         ("ActiveAdamW foreach", "adamw", lambda p: hal.ActiveAdamW(p, period=period)),
         ("ActiveLR(torch AdamW fused)", "adamw", lambda p: hal.ActiveLR(
             torch.optim.AdamW(p, fused=True), lr_high=2.0, lr_low=0.5, period=period)),
@@ -86,6 +88,9 @@ def candidates(args):
         ("torch SGD fused", "sgd", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True)),
         ("ActiveSGD fused", "sgd", lambda p: hal.ActiveSGD(
             p, lr=0.1, momentum=0.9, lr_high=0.05, lr_low=0.95, period=period, fused=True)),
+        ("ActiveSGD fused, bf16 sums", "sgd", lambda p: hal.ActiveSGD(
+            p, lr=0.1, momentum=0.9, lr_high=0.05, lr_low=0.95, period=period,
+            grad_sum_dtype="bfloat16", fused=True)),
         ("ActiveSGD foreach", "sgd", lambda p: hal.ActiveSGD(
             p, lr=0.1, momentum=0.9, lr_high=0.05, lr_low=0.95, period=period)),
     ]

@@ -78,7 +78,7 @@ def fused_step(delta_fn, param, grad, state, tensors, scalars, step_scalars, cac
     everything = (param, grad, state["gain"], state["grad_sum"], *tensors)
     flat = all(t is None or t.is_contiguous() for t in everything)
     param, grad, gain, grad_sum, *tensors = (_alias(t, flat) for t in everything)
-    scalars = _as_tensors(scalars, step_scalars, state["grad_sum"], cache)
+    scalars = _as_tensors(scalars, step_scalars, state["gain"], cache)
     _compiled_for(delta_fn)(delta_fn, param, grad, gain, grad_sum, tuple(tensors), scalars,
                             alpha)
 
@@ -93,7 +93,7 @@ def fused_chunks(delta_fn, params, grads, states, tensor_lists, scalars, step_sc
     """The fused step for many parameters sharing the same scalars (the usual case: one param
     group, one step count), ``CHUNK`` tensors per compiled call: one dispatch per chunk instead
     of one per tensor, which is what the per-tensor path spends most of its time on."""
-    scalars = _as_tensors(scalars, step_scalars, states[0]["grad_sum"], cache)
+    scalars = _as_tensors(scalars, step_scalars, states[0]["gain"], cache)
     compiled = _compiled_for(delta_fn, _fused_chunk_impl, "_chunk", dynamic=None)
     for start in range(0, len(params), CHUNK):
         stop = start + CHUNK

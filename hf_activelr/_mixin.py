@@ -10,7 +10,7 @@ from ._validation import EPOCH, check_active_args, check_period
 
 # Group settings added after the first release, with the values that reproduce the rule a
 # state saved without them ran (the paper's additive increase, gains from 1).
-PRE_OPTION_DEFAULTS = {"gain_increase": "additive", "gain_init": 1.0}
+PRE_OPTION_DEFAULTS = {"gain_increase": "additive", "gain_init": 1.0, "grad_sum_dtype": None}
 
 
 class ActiveMixin:
@@ -21,11 +21,12 @@ class ActiveMixin:
     @staticmethod
     def _init_active_group(group: dict) -> None:
         """Validate a group's ActiveLR settings and start its period clock."""
-        check_active_args(
+        checked = check_active_args(
             group["lr_high"], group["lr_low"], group["period"],
             group["gain_min"], group["gain_max"], group["zero_sum"],
-            group["gain_increase"], group["gain_init"],
+            group["gain_increase"], group["gain_init"], group["grad_sum_dtype"],
         )
+        group["grad_sum_dtype"] = checked["grad_sum_dtype"]  # torch.bfloat16 -> "bfloat16"
         for param in group["params"]:
             if param.is_complex():
                 raise TypeError("ActiveLR does not support complex parameters")
@@ -33,10 +34,10 @@ class ActiveMixin:
         group.setdefault("active_step", 0)
         group.setdefault("gain_changes", None)
 
-    def _ensure_active_state(self, param, state, zero_sum) -> None:
+    def _ensure_active_state(self, param, state, group) -> None:
         if "gain" not in state:
             self._gain_stats_cache = None
-        rule.ensure_state(param, state, zero_sum)
+        rule.ensure_state(param, state, group["zero_sum"], group["grad_sum_dtype"])
 
     def set_period(self, period: int, *, only_epoch: bool = True) -> None:
         """Set ``period`` (optimizer steps) on the groups that asked for ``"epoch"`` (or on all
@@ -188,4 +189,11 @@ class ActiveMixin:
                 if key not in ("active_step", "gain_changes"):  # a plain group restarts the clock
                     group.setdefault(key, value)
             self._init_active_group(group)
+            # The sum's storage follows the group's setting (a state saved under the other
+            # setting converts: bf16 -> fp32 is exact, fp32 -> bf16 keeps every sign).
+            for param in group["params"]:
+                grad_sum = self.state.get(param, {}).get("grad_sum")
+                dtype = rule.sum_dtype(param, group["grad_sum_dtype"])
+                if grad_sum is not None and grad_sum.dtype != dtype:
+                    self.state[param]["grad_sum"] = grad_sum.to(dtype)
         self._gain_stats_cache = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import torch
+
 PERIOD_HINT = (
     "`period` is the number of optimizer steps between gain updates; the paper uses one epoch, "
     "so pass e.g. period=len(train_dataloader) (optimizer steps per epoch, i.e. divided by "
@@ -51,10 +53,12 @@ def check_bool(name: str, value):
 EPOCH = "epoch"
 ZERO_SUM_POLICIES = ("hold", "flip")  # see hf_activelr.rule
 GAIN_INCREASES = ("additive", "multiplicative")  # see hf_activelr.rule
+#: Storage dtypes of the running sum besides the default (the gains' dtype): see rule.
+GRAD_SUM_DTYPES = ("bfloat16",)
 #: The ActiveLR settings every param group carries.
 ACTIVE_GROUP_KEYS = (
     "lr_high", "lr_low", "period", "gain_min", "gain_max", "zero_sum", "gain_increase",
-    "gain_init",
+    "gain_init", "grad_sum_dtype",
 )
 
 
@@ -75,9 +79,25 @@ def check_period(period, allow_epoch: bool = True):
     return int(period)
 
 
+def check_grad_sum_dtype(grad_sum_dtype):
+    """``None`` (the gains' dtype) or ``"bfloat16"``; ``torch.bfloat16`` is taken as its name,
+    so param groups and state dicts hold a plain string."""
+    if grad_sum_dtype is None:
+        return None
+    name = grad_sum_dtype
+    if isinstance(grad_sum_dtype, torch.dtype):
+        name = str(grad_sum_dtype).removeprefix("torch.")
+    if name not in GRAD_SUM_DTYPES:
+        raise ValueError(
+            f"grad_sum_dtype must be None (the gains' dtype: float32, or float64 for float64 "
+            f"parameters) or one of {GRAD_SUM_DTYPES}, got {grad_sum_dtype!r}"
+        )
+    return name
+
+
 def check_active_args(
     lr_high, lr_low, period, gain_min=None, gain_max=None, zero_sum="hold",
-    gain_increase="additive", gain_init=1.0,
+    gain_increase="additive", gain_init=1.0, grad_sum_dtype=None,
 ):
     """Validate the ActiveLR hyperparameters; returns them as a dict for a param group."""
     check_real("lr_high", lr_high, low=0.0)
@@ -105,4 +125,5 @@ def check_active_args(
         "zero_sum": zero_sum,
         "gain_increase": gain_increase,
         "gain_init": float(gain_init),
+        "grad_sum_dtype": check_grad_sum_dtype(grad_sum_dtype),
     }

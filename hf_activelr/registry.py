@@ -18,7 +18,8 @@ from .presets import DEFAULT_PRESET, PAPER_FALLBACK, preset_kwargs
 # Types of ActiveLR keyword arguments whose defaults (None) do not tell.
 ACTIVE_OPTION_TYPES = {
     "lr_high": float, "lr_low": float, "period": int, "gain_min": float, "gain_max": float,
-    "zero_sum": str, "gain_increase": str, "gain_init": float, "fused": bool, "foreach": bool,
+    "zero_sum": str, "gain_increase": str, "gain_init": float, "grad_sum_dtype": str, "fused": bool,
+    "foreach": bool,
 }
 # Arguments the Trainer fills in from TrainingArguments; optim_args may not repeat them.
 TRAINER_ARGUMENTS = ("params", "lr", "betas", "eps", "weight_decay")

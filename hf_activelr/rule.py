@@ -22,7 +22,13 @@ State layout (per element, ``float32``, or ``float64`` for ``float64`` parameter
   update uses ``gain_init * gain``), with the *sign bit* holding the sign of the last nonzero
   period sum; ``0`` means "no nonzero period sum yet" and reads as gain 1. This keeps the
   previous sign without a third tensor (ActiveAdamW: 16 bytes per fp32 parameter, not 20).
-- ``grad_sum``: the running sum ``s`` of the current period.
+- ``grad_sum``: the running sum ``s`` of the current period; ``bfloat16`` with
+  ``grad_sum_dtype="bfloat16"`` (each ``s += grad`` rounded to bfloat16). Only the sum's sign
+  is read, and the sum is read and written every step: halving its bytes saves 2 of
+  ActiveAdamW's 16 state bytes per parameter and a quarter of the rule's memory traffic
+  (ActiveSGD's step moves 28 bytes per element instead of 32; SGD's own, 20). The price: a
+  sum grown beyond about 256 times a gradient stops taking that gradient in, and a sum that
+  nearly cancels may come out with the other sign or zero, where its sign is noise anyway.
 - ``prev_sign`` (``int8``, only with ``zero_sum="flip"``): the previous sum's sign, ``0`` for
   a zero sum and ``2`` before the first boundary.
 
@@ -60,21 +66,32 @@ def state_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
-def init_state(param: torch.Tensor, state: dict, zero_sum: str) -> None:
+def sum_dtype(param: torch.Tensor, grad_sum_dtype: str | None) -> torch.dtype:
+    """The running sum's dtype: the gains' (:func:`state_dtype`) unless the group asks for
+    ``"bfloat16"``."""
+    return state_dtype(param) if grad_sum_dtype is None else getattr(torch, grad_sum_dtype)
+
+
+def init_state(param: torch.Tensor, state: dict, zero_sum: str,
+               grad_sum_dtype: str | None = None) -> None:
     """Create the Active state of one parameter (gain reads as 1, empty running sum)."""
-    dtype = state_dtype(param)
-    state["gain"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-    state["grad_sum"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+    state["gain"] = torch.zeros_like(
+        param, dtype=state_dtype(param), memory_format=torch.preserve_format
+    )
+    state["grad_sum"] = torch.zeros_like(
+        param, dtype=sum_dtype(param, grad_sum_dtype), memory_format=torch.preserve_format
+    )
     if zero_sum == "flip":
         state["prev_sign"] = torch.full_like(
             param, _NO_PREV, dtype=torch.int8, memory_format=torch.preserve_format
         )
 
 
-def ensure_state(param: torch.Tensor, state: dict, zero_sum: str) -> None:
+def ensure_state(param: torch.Tensor, state: dict, zero_sum: str,
+                 grad_sum_dtype: str | None = None) -> None:
     """Create missing Active state (fresh params, or a state loaded from a plain optimizer)."""
     if "gain" not in state:
-        init_state(param, state, zero_sum)
+        init_state(param, state, zero_sum, grad_sum_dtype)
     elif zero_sum == "flip" and "prev_sign" not in state:
         # Switching from "hold": recover the remembered sign from the gain's sign bit.
         sign = torch.sign(state["gain"]).to(torch.int8)
@@ -212,4 +229,5 @@ __all__ = [
     "gain_summary",
     "init_state",
     "state_dtype",
+    "sum_dtype",
 ]

@@ -27,14 +27,14 @@ class ActiveLR(ActiveMixin, Optimizer):
     It is itself a ``torch.optim.Optimizer``: ``param_groups`` are the wrapped optimizer's
     (schedulers move ``lr`` on both), ``state_dict`` holds the wrapped optimizer's state plus
     ``gain`` and ``grad_sum`` per parameter, ``zero_grad`` and hooks work as usual.
-    ``lr_high``, ``lr_low``, ``period`` (and ``gain_min``, ``gain_max``, ``zero_sum``) are
-    stored in each param group.
+    ``lr_high``, ``lr_low``, ``period`` (and ``gain_min``, ``gain_max``, ``zero_sum``,
+    ``gain_increase``, ``gain_init``, ``grad_sum_dtype``) are stored in each param group.
     """
 
     def __init__(
         self, optimizer: Optimizer, *, lr_high, lr_low, period=None, gain_min=None,
         gain_max=None, zero_sum="hold", gain_increase="additive",
-        gain_init=1.0,
+        gain_init=1.0, grad_sum_dtype=None,
     ):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -43,7 +43,8 @@ class ActiveLR(ActiveMixin, Optimizer):
         if isinstance(optimizer, ActiveMixin):
             raise TypeError(f"{type(optimizer).__name__} is already Active; do not wrap it again")
         active = check_active_args(
-            lr_high, lr_low, period, gain_min, gain_max, zero_sum, gain_increase, gain_init
+            lr_high, lr_low, period, gain_min, gain_max, zero_sum, gain_increase, gain_init,
+            grad_sum_dtype,
         )
         self.optimizer = optimizer
         super().__init__(optimizer.param_groups, {**optimizer.defaults, **active})
@@ -90,7 +91,7 @@ class ActiveLR(ActiveMixin, Optimizer):
             states = []
             for param in params:
                 state = self.state[param]
-                self._ensure_active_state(param, state, group["zero_sum"])
+                self._ensure_active_state(param, state, group)
                 states.append(state)
             if params:
                 # The raw gradients, before the wrapped optimizer may touch them.

@@ -19,7 +19,8 @@ Per element: gain ``g = 1``, running sum ``s = 0``, previous sign absent. At eac
   (a zero counts as a flip) -> ``g *= lr_low``, otherwise ``g += lr_high``; the remembered
   sign is ``sign(s)``, zero included.
 
-Gains are clamped to ``[gain_min, gain_max]`` where given; then ``s = 0``.
+Gains are clamped to ``[gain_min, gain_max]`` where given; then ``s = 0``. With
+``grad_sum_dtype="bfloat16"`` the sum is rounded to bfloat16 after every addition.
 
 Like torch's optimizers, a parameter's state (base and ActiveLR) is created when it first
 receives a gradient; a parameter whose gradient is ``None`` takes no base step and adds
@@ -51,6 +52,7 @@ BASE_DEFAULTS = {
 }
 ACTIVE_DEFAULTS = dict(
     gain_min=None, gain_max=None, zero_sum="hold", gain_increase="additive", gain_init=1.0,
+    grad_sum_dtype=None,
 )
 
 
@@ -253,6 +255,8 @@ class Reference:
                     }
                 state = group["states"][j]
                 state["sum"] = state["sum"] + grad
+                if group["grad_sum_dtype"] == "bfloat16":  # the sum is stored in bfloat16
+                    state["sum"] = state["sum"].to(torch.bfloat16).to(torch.float64)
                 group["params"][j] = base_step(p, grad, state["base"], group, state["gain"])
             group["clock"] += 1
             if group["clock"] % group["period"] == 0:

@@ -327,12 +327,14 @@ def _active_overrides(period, lr_high, lr_low):
 def _run_against_reference(
     variant, *, period, lr_high, lr_low, zero_sum, foreach, steps, none=None, check_every=3,
     params_tol=TIGHT, gain_increase="additive", gain_init=1.0, gains_tol=EXACT,
+    grad_sum_dtype=None,
 ):
     cls, settings, base_groups = VARIANTS[variant]
     active_groups = _active_overrides(period, lr_high, lr_low)
     overrides = [{**b, **a} for b, a in zip(base_groups, active_groups)]
     active_settings = dict(lr_high=lr_high, lr_low=lr_low, period=period, zero_sum=zero_sum,
-                           gain_increase=gain_increase, gain_init=gain_init)
+                           gain_increase=gain_increase, gain_init=gain_init,
+                           grad_sum_dtype=grad_sum_dtype)
     ps = make_params(seed=3)
     ref_groups = [{"params": [p.detach() for p in params], **ov}
                   for params, ov in zip(ps, overrides)]
@@ -396,6 +398,37 @@ def test_gain_init_against_reference(variant, gain_increase):
         )
         stats = opt.gain_stats()
         assert max(g["max"] for g in stats) > 0.3 > min(g["min"] for g in stats)
+
+
+@pytest.mark.parametrize("zero_sum", ["hold", "flip"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_bfloat16_grad_sum_against_reference(variant, zero_sum):
+    """Sums stored in bfloat16: the reference rounds its float64 sum to bfloat16 after every
+    addition, and gains and parameters still match it exactly over many boundaries."""
+    for period, foreach in itertools.product([1, 3, 7], [True, False]):
+        opt, _ = _run_against_reference(
+            variant, period=period, lr_high=0.05, lr_low=0.95, zero_sum=zero_sum,
+            foreach=foreach, steps=12 * period + 8, grad_sum_dtype="bfloat16",
+        )
+        assert all(s["grad_sum"].dtype == torch.bfloat16 for s in opt.state.values())
+        gains = torch.cat([decode_gain(s["gain"]).reshape(-1) for s in opt.state.values()])
+        assert (gains > 1).any() and (gains < 1).any()
+
+
+def test_bfloat16_grad_sum_loses_small_gradients_as_stated():
+    """The documented price: once the sum is about 512 times a gradient, bfloat16 drops it
+    (a float32 sum keeps it), so the two storages can disagree on a nearly cancelling sum."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    sums = {}
+    for dtype in (None, "bfloat16"):
+        opt = ActiveSGD([p], lr=0.0, lr_high=0.05, lr_low=0.95, period=10_000,
+                        grad_sum_dtype=dtype)
+        for grad in [512.0] + [-1.0] * 300:
+            p.grad = torch.tensor([grad])
+            opt.step()
+        sums[dtype] = opt.state[p]["grad_sum"].item()
+    assert sums[None] == 212.0
+    assert sums["bfloat16"] == 512.0
 
 
 def test_multiplicative_increase_by_hand():

@@ -16,6 +16,8 @@ CASES = [
     (hal.ActiveAdaBelief, dict(weight_decay=0.1)),
     (hal.ActiveAdaBelief, dict(rectify=False, amsgrad=True)),
     (hal.ActiveAdaBound, dict(lr_high=0.5, lr_low=0.5, weight_decay=0.1, amsbound=True)),
+    (hal.ActiveSGD, dict(lr_high=0.5, lr_low=0.5, momentum=0.9, grad_sum_dtype="bfloat16")),
+    (hal.ActiveAdamW, dict(grad_sum_dtype="bfloat16")),
 ]
 SHAPES = [(5, 3), (7,), (2, 3, 4)]
 

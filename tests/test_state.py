@@ -679,3 +679,73 @@ def test_state_saved_before_gain_increase_and_gain_init_resumes_with_its_rule():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     for a, b in zip(gains(original, params), gains(resumed, resumed_params)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@configs
+def test_resume_with_bfloat16_sums_is_bit_exact(factory):
+    """grad_sum_dtype="bfloat16": the sums are saved and restored as bfloat16, and a resumed
+    run equals the uninterrupted one bit for bit."""
+    kwargs = dict(period=PERIOD, grad_sum_dtype="bfloat16")
+    start = make_params()
+    ref_params = clone_params(start)
+    ref = factory(ref_params, **kwargs)
+    for t in range(1, TOTAL + 1):
+        set_grads(ref_params, t)
+        ref.step()
+    params = clone_params(start)
+    opt = factory(params, **kwargs)
+    for t in range(1, SAVE_AT + 1):
+        set_grads(params, t)
+        opt.step()
+    saved = roundtrip(opt.state_dict(), "bytes")
+    assert all(s["grad_sum"].dtype == torch.bfloat16 for s in saved["state"].values())
+    params = clone_params(params)
+    opt = factory(params, period=PERIOD)  # the saved groups carry grad_sum_dtype
+    opt.load_state_dict(saved)
+    assert {g["grad_sum_dtype"] for g in opt.param_groups} == {"bfloat16"}
+    for t in range(SAVE_AT + 1, TOTAL + 1):
+        set_grads(params, t)
+        opt.step()
+    for p, q in zip(params, ref_params):
+        assert opt.state[p]["grad_sum"].dtype == torch.bfloat16
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["gain"], ref.state[q]["gain"])
+        assert torch.equal(opt.state[p]["grad_sum"], ref.state[q]["grad_sum"])
+
+
+def test_state_saved_before_grad_sum_dtype_keeps_float32_sums():
+    params = make_params()
+    original = ActiveAdamW(params, lr=0.01, period=3)
+    for t in range(1, 5):
+        set_grads(params, t)
+        original.step()
+    saved = copy.deepcopy(original.state_dict())
+    for group in saved["param_groups"]:
+        del group["grad_sum_dtype"]
+    resumed_params = clone_params(params)
+    resumed = ActiveAdamW(resumed_params, lr=0.01, period=3, grad_sum_dtype="bfloat16")
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["grad_sum_dtype"] is None
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(resumed.state[q]["grad_sum"], original.state[p]["grad_sum"])
+
+
+def test_sums_follow_the_groups_storage_on_load():
+    """A state whose sums are stored otherwise than its group says (a group edited by hand)
+    converts on load: float32 -> bfloat16 keeps every sign, bfloat16 -> float32 is exact."""
+    params = make_params()
+    original = ActiveAdamW(params, lr=0.01, period=100)
+    for t in range(1, 5):
+        set_grads(params, t)
+        original.step()
+    saved = copy.deepcopy(original.state_dict())
+    for group in saved["param_groups"]:
+        group["grad_sum_dtype"] = "bfloat16"
+    resumed_params = clone_params(params)
+    resumed = ActiveAdamW(resumed_params, lr=0.01, period=100)
+    resumed.load_state_dict(saved)
+    for p, q in zip(params, resumed_params):
+        fp32_sum, bf16_sum = original.state[p]["grad_sum"], resumed.state[q]["grad_sum"]
+        assert bf16_sum.dtype == torch.bfloat16
+        assert torch.equal(torch.sign(bf16_sum.float()), torch.sign(fp32_sum))
+        torch.testing.assert_close(bf16_sum.float(), fp32_sum, rtol=2**-8, atol=0)

@@ -142,12 +142,32 @@ def test_unknown_active_name_lists_the_valid_names(tmp_path):
         ("fused=maybe", r"fused='maybe': expected true or false"),
         ("period=often", r"period='often': expected a int"),
         ("lr_low=1.5", r"lr_low must be in"),
+        ("grad_sum_dtype=float16", r"grad_sum_dtype must be None .* \('bfloat16',\)"),
     ],
 )
 def test_bad_optim_args_are_clear_errors(tmp_path, optim_args, match):
     trainer = make_trainer(tmp_path, optim_args=optim_args)
     with pytest.raises(ValueError, match=match):
         trainer.create_optimizer()
+
+
+def test_bfloat16_sums_from_optim_args_train_and_resume(tmp_path):
+    """optim_args="grad_sum_dtype=bfloat16" reaches the optimizer, the sums are bfloat16 in
+    training and in the checkpoint, and training resumes from it."""
+    common = dict(n=8, max_steps=4, save_strategy="steps", save_steps=2,
+                  optim_args="period=2,grad_sum_dtype=bfloat16," + FAST)
+    trainer = make_trainer(tmp_path, **common)
+    trainer.train()
+    optimizer = active_optimizer(trainer)
+    assert {g["grad_sum_dtype"] for g in optimizer.param_groups} == {"bfloat16"}
+    assert {s["grad_sum"].dtype for s in optimizer.state.values()} == {torch.bfloat16}
+    saved = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt")
+    assert {s["grad_sum"].dtype for s in saved["state"].values()} == {torch.bfloat16}
+    resumed = make_trainer(tmp_path, **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    resumed_state = active_optimizer(resumed).state.values()
+    assert {s["grad_sum"].dtype for s in resumed_state} == {torch.bfloat16}
 
 
 # --- 2. the stock Trainer builds the optimizer -------------------------------------------

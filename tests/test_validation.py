@@ -16,6 +16,7 @@ from hf_activelr import (
     ActiveRAdam,
     ActiveSGD,
 )
+from hf_activelr._validation import ACTIVE_GROUP_KEYS
 
 VARIANTS = [ActiveSGD, ActiveAdamW, ActiveRAdam, ActiveAdaBelief, ActiveAdaBound]
 VARIANT_IDS = [cls.__name__ for cls in VARIANTS]
@@ -38,8 +39,7 @@ def build(cls, params=None, **kwargs):
         params = [_param(4, 3)]
     if cls == "ActiveLR":
         active = {k: kwargs.pop(k) for k in
-                  ("lr_high", "lr_low", "period", "gain_min", "gain_max", "zero_sum")
-                  if k in kwargs}
+                  ACTIVE_GROUP_KEYS if k in kwargs}
         active = {"lr_high": 0.1, "lr_low": 0.5, "period": 3, **active}
         return ActiveLR(torch.optim.SGD(params, lr=kwargs.pop("lr", 0.1), **kwargs), **active)
     return cls(params, **{**_REQUIRED.get(cls, {}), "period": 3, **kwargs})
@@ -86,6 +86,18 @@ BAD_ACTIVE = [
     (dict(gain_max=math.inf), ValueError, "gain_max"),
     (dict(gain_max=math.nan), ValueError, "gain_max"),
     (dict(gain_max="10"), TypeError, "gain_max"),
+    (dict(gain_increase="exponential"), ValueError, "gain_increase"),
+    (dict(gain_increase=None), ValueError, "gain_increase"),
+    (dict(gain_init=0.0), ValueError, "gain_init"),
+    (dict(gain_init=-1.0), ValueError, "gain_init"),
+    (dict(gain_init=math.nan), ValueError, "gain_init"),
+    (dict(gain_init="0.1"), TypeError, "gain_init"),
+    (dict(gain_init=0.5, gain_min=0.6), ValueError, "gain_init"),
+    (dict(gain_init=5.0, gain_max=2.0), ValueError, "gain_init"),
+    (dict(grad_sum_dtype="float16"), ValueError, "grad_sum_dtype.*bfloat16"),
+    (dict(grad_sum_dtype=torch.float16), ValueError, "grad_sum_dtype"),
+    (dict(grad_sum_dtype="bf16"), ValueError, "grad_sum_dtype"),
+    (dict(grad_sum_dtype=16), ValueError, "grad_sum_dtype"),
 ]
 
 
@@ -135,6 +147,8 @@ def test_lr_high_lr_low_required_without_published_defaults(cls, missing):
     dict(lr_high=5.0, lr_low=1e-6, period=10**6),
     dict(gain_min=1.0, gain_max=1.0),
     dict(gain_min=1e-3, gain_max=100.0, zero_sum="flip"),
+    dict(grad_sum_dtype="bfloat16"),
+    dict(grad_sum_dtype=None),
 ])
 def test_boundary_values_accepted(cls, kwargs):
     opt = build(cls, **kwargs)
@@ -434,3 +448,10 @@ def test_step_does_not_modify_grad(cls, kwargs, path, dtype):
         opt.step()
         for p, g in zip(params, grads):
             assert torch.equal(p.grad, g)
+
+
+@all_builders()
+def test_grad_sum_dtype_takes_torch_dtype_and_stores_its_name(cls):
+    opt = build(cls, grad_sum_dtype=torch.bfloat16)
+    assert opt.param_groups[0]["grad_sum_dtype"] == "bfloat16"
+    assert opt.state_dict()["param_groups"][0]["grad_sum_dtype"] == "bfloat16"

@@ -51,12 +51,14 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
         gain_max=None,
         gain_increase="additive",
         gain_init=1.0,
+        grad_sum_dtype=None,
         zero_sum="hold",
         foreach=None,
         fused=None,
     ):
         active = check_active_args(
-            lr_high, lr_low, period, gain_min, gain_max, zero_sum, gain_increase, gain_init
+            lr_high, lr_low, period, gain_min, gain_max, zero_sum, gain_increase, gain_init,
+            grad_sum_dtype,
         )
         if foreach is not None:
             check_bool("foreach", foreach)
@@ -91,7 +93,7 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
         state = self.state[param]
         if self._base_state_key is not None and self._base_state_key not in state:
             self._init_base_state(param, state, group)
-        self._ensure_active_state(param, state, group["zero_sum"])
+        self._ensure_active_state(param, state, group)
         return state
 
     # -- the step ---------------------------------------------------------------------------
