@@ -34,6 +34,14 @@ class ActiveMixin:
         group.setdefault("active_step", 0)
         group.setdefault("gain_changes", None)
 
+    @property
+    def _gain_multipliers(self) -> rule.GainMultipliers:
+        """The eager multi-tensor paths' gain decoding, remembered per gain tensor."""
+        multipliers = self.__dict__.get("_multipliers")
+        if multipliers is None:
+            multipliers = self.__dict__["_multipliers"] = rule.GainMultipliers()
+        return multipliers
+
     def _ensure_active_state(self, param, state, group) -> None:
         if "gain" not in state:
             self._gain_stats_cache = None

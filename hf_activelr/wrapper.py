@@ -5,8 +5,9 @@ The gain scales the element's learning rate. For optimizers whose step is linear
 ``p_new = p_old + g * (p_base - p_old)``, where ``p_base`` is where the wrapped optimizer's
 own step takes the parameter. The wrapper remembers ``p_old``, lets the optimizer step, and
 scales the displacement: no knowledge of the optimizer's internals, so it works with third
-party optimizers too. It costs a copy of the stepped parameters per step; the built-in
-variants (``ActiveAdamW``, ...) fold the gain into their update instead.
+party optimizers too. It costs a copy of the stepped parameters (kept between steps: 4 more
+bytes per fp32 parameter) and a few passes over them per step; the built-in variants
+(``ActiveAdamW``, ...) fold the gain into their update instead.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class ActiveLR(ActiveMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        stepped = []
+        moved = []  # per group: the parameters whose step the gains change, where they stood
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if any(p.grad.is_sparse for p in params):
@@ -93,20 +94,40 @@ class ActiveLR(ActiveMixin, Optimizer):
                 state = self.state[param]
                 self._ensure_active_state(param, state, group)
                 states.append(state)
-            if params:
-                # The raw gradients, before the wrapped optimizer may touch them.
-                torch._foreach_add_([s["grad_sum"] for s in states], [p.grad for p in params])
-                stepped.append((group, params, states, torch._foreach_mul(params, 1.0)))
+            if not params:
+                continue
+            # The raw gradients, before the wrapped optimizer may touch them.
+            torch._foreach_add_([s["grad_sum"] for s in states], [p.grad for p in params])
+            # Where every gain reads 1 (and gain_init is 1) the wrapped step stands as it is.
+            keep = [i for i, s in enumerate(states) if group["gain_init"] != 1.0
+                    or not self._gain_multipliers.reads_one(s["gain"])]
+            if keep:
+                params = [params[i] for i in keep]
+                starts = [self._start_buffer(param) for param in params]
+                torch._foreach_copy_(starts, params)
+                moved.append((group, params, [states[i] for i in keep], starts))
         self.optimizer.step()
-        for group, params, states, starts in stepped:
+        for group, params, states, starts in moved:
+            scales = self._gain_multipliers([s["gain"] for s in states])
+            scaled = [i for i, scale in enumerate(scales) if scale is not None]
             torch._foreach_sub_(params, starts)  # the wrapped optimizer's displacement
-            torch._foreach_mul_(params, [rule.decode_gain(s["gain"]) for s in states])
+            if scaled:
+                torch._foreach_mul_([params[i] for i in scaled], [scales[i] for i in scaled])
             if group["gain_init"] != 1.0:
                 torch._foreach_mul_(params, group["gain_init"])
             torch._foreach_add_(params, starts)
         for group in self.param_groups:
             self._tick(group)
         return loss
+
+    def _start_buffer(self, param: torch.Tensor) -> torch.Tensor:
+        """Where ``param`` stood before the wrapped step. Kept between steps (not saved):
+        allocating a copy of every parameter per step cost more than the copy itself."""
+        buffers = self.__dict__.setdefault("_starts", {})
+        buffer = buffers.get(param)
+        if buffer is None:
+            buffer = buffers[param] = torch.empty_like(param, memory_format=torch.preserve_format)
+        return buffer
 
     def state_dict(self) -> dict:
         """The wrapped optimizer's state dict with ``gain``/``grad_sum`` added per parameter."""

@@ -749,3 +749,37 @@ def test_sums_follow_the_groups_storage_on_load():
         assert bf16_sum.dtype == torch.bfloat16
         assert torch.equal(torch.sign(bf16_sum.float()), torch.sign(fp32_sum))
         torch.testing.assert_close(bf16_sum.float(), fp32_sum, rtol=2**-8, atol=0)
+
+
+def test_gain_multipliers_follow_every_change_of_the_gains():
+    """The eager paths' shortcut (no multiply while every gain reads 1; abs once all are set)
+    notices boundaries, loads and in-place edits through the tensor's version counter."""
+    multipliers = hf_activelr.rule.GainMultipliers()
+    gain = torch.zeros(4)
+    assert multipliers([gain]) == [None] and multipliers.reads_one(gain)
+    gain[1] = -0.5  # one set, three unset: the full decoding
+    torch.testing.assert_close(multipliers([gain])[0], torch.tensor([1.0, 0.5, 1.0, 1.0]))
+    gain.copy_(torch.tensor([2.0, -0.5, 0.25, -1.0]))  # all set: magnitudes
+    torch.testing.assert_close(multipliers([gain])[0], torch.tensor([2.0, 0.5, 0.25, 1.0]))
+    assert not multipliers.reads_one(gain)
+    gain.view(-1).zero_()  # through a view: the version counter is shared
+    assert multipliers([gain]) == [None]
+
+
+@pytest.mark.parametrize("cls", ALL, ids=ALL_IDS)
+def test_foreach_path_equals_single_tensor_path_across_gain_kinds(cls):
+    """First period (no gain set), mixed (zero sums keep some unset), then all set."""
+    runs = []
+    for foreach in (True, False):
+        params = make_params(torch.float64)
+        opt = build(cls, params, period=3, foreach=foreach, lr_high=0.5, lr_low=0.5)
+        for t in range(1, 13):
+            set_grads(params, t)
+            if t <= 6:
+                params[0].grad[0] = 0.0  # this row's sums are zero: its gains stay unset
+            opt.step()
+        runs.append((params, opt))
+    (ps, a), (qs, b) = runs
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gains(a, [p])[0], gains(b, [q])[0], rtol=0, atol=0)

@@ -145,7 +145,7 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
                 deltas, alpha = self._foreach_delta(group, p_, g_, s_)
                 rule.apply_foreach(
                     p_, g_, [s["gain"] for s in s_], [s["grad_sum"] for s in s_], deltas,
-                    alpha * group["gain_init"],
+                    alpha * group["gain_init"], self._gain_multipliers,
                 )
             return
         prepared = [self._prepare(group, p, s) for p, s in zip(params, states)]
