@@ -176,7 +176,7 @@ def quartiles(values: list[float]) -> tuple[float, float]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12, help="transformer blocks (12: GPT-2)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

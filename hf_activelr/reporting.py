@@ -50,13 +50,26 @@ def build_results(trainer, metrics: dict, extra: dict | None = None) -> dict:
     return results
 
 
+def finite_or_none(data):
+    """``data`` with every NaN or infinite float replaced by ``None``: standard JSON has no
+    ``Infinity`` (Python writes it, other readers refuse it)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite_or_none(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_none(value) for value in data]
+    return data
+
+
 def write_json(path, data, indent: int | None = 2) -> pathlib.Path:
-    """Write ``data`` as JSON atomically (a temporary file, then a rename): a concurrent reader
-    or an interrupted run never sees half a file."""
+    """Write ``data`` as standard JSON (non-finite floats as ``null``) atomically (a temporary
+    file, then a rename): a concurrent reader or an interrupted run never sees half a file."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=indent, default=str) + "\n")
+    text = json.dumps(finite_or_none(data), indent=indent, default=str, allow_nan=False)
+    temporary.write_text(text + "\n")
     temporary.replace(path)
     return path
 

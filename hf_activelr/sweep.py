@@ -275,6 +275,8 @@ def sweep(points: list[Point], output_dir, jobs: int = 1, threads: int | None = 
     todo = []
     for point, path in paths.items():
         record = json.loads(path.read_text()) if path.exists() and not force else None
+        if record is not None and record.get("eval_loss", 0.0) is None:
+            record["eval_loss"] = math.inf  # stored as null: no finite loss
         if record is not None and record.get("settings") == resolved_settings(point.optim):
             records[point] = record
         else:
@@ -425,8 +427,7 @@ def write_reports(records: list[dict], output_dir, axis: str = "lr") -> str:
     summary = summarize(records, axis)
     table = markdown(summary)
     (output_dir / "sweep.md").write_text(table)
-    (output_dir / "sweep.json").write_text(json.dumps(
-        {"command": " ".join(sys.argv), "summary": summary, "runs": records}, indent=1,
-        default=str))
+    write_json(output_dir / "sweep.json",
+               {"command": " ".join(sys.argv), "summary": summary, "runs": records}, indent=1)
     plot(summary, output_dir)
     return table

@@ -71,6 +71,22 @@ def test_summary_best_worst_spread_and_divergence():
     assert "diverged (1/2)" in table and "| inf | inf |" in table
 
 
+def test_reports_are_standard_json(tmp_path, monkeypatch):
+    """Infinite spreads and NaN losses are written as null (Python's Infinity is not JSON),
+    and a stored null loss reads back as a diverged run when the sweep resumes."""
+    monkeypatch.setattr(sweep, "plot", lambda summary, output_dir: None)
+    records = [_record("b", 1e-3, 0, 0.5), _record("b", 1e-1, 0, float("nan"), diverged=True)]
+    sweep.write_reports(records, tmp_path)
+    text = (tmp_path / "sweep.json").read_text()
+    report = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in sweep.json"))
+    assert report["summary"][0]["spread"] is None and report["runs"][1]["eval_loss"] is None
+    point = sweep.Point("vit-digits", "adamw_torch", 1e-1, 32, 0, 20)
+    stored = {**records[1], "settings": sweep.resolved_settings("adamw_torch")}
+    sweep.write_json(tmp_path / "runs" / f"{point.slug}.json", stored)
+    [resumed] = sweep.sweep([point], tmp_path, progress=lambda message: None)
+    assert resumed["eval_loss"] == math.inf and resumed["diverged"]
+
+
 def test_registered_task_is_swept():
     base = get_task("vit-digits")
     register_task(SweepTask("vit-digits-short", "test", base.build_data, base.build_model,

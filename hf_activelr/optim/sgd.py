@@ -30,7 +30,8 @@ class ActiveSGD(ActiveOptimizer):
 
     With ``lr_high=0, lr_low=1`` it is ``torch.optim.SGD``. The paper reports ActiveLR on SGD
     with momentum without public defaults, so ``lr_high`` and ``lr_low`` are required here.
-    State: ``momentum_buffer`` (when momentum > 0), ``gain``, ``grad_sum``.
+    State: ``momentum_buffer`` (when momentum > 0), ``gain``, ``grad_sum``. Its step moves 32
+    bytes per element against SGD's 20 (28 with ``grad_sum_dtype="bfloat16"``).
     """
 
     _base_state_keys = frozenset({"momentum_buffer"})
