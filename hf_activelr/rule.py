@@ -53,6 +53,7 @@ import math
 from typing import Iterable
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._validation import ZERO_SUM_POLICIES
 
@@ -111,17 +112,15 @@ def decode_gain(gain: torch.Tensor) -> torch.Tensor:
 class GainMultipliers:
     """What the eager multi-tensor paths multiply the updates by, per packed gain tensor.
 
-    :func:`decode_gain` compares and selects per element, which on CPU costs several times
-    the update's other passes. Most tensors need neither: before their first nonzero sum
-    every gain reads 1 (nothing to multiply: ``None``), and afterwards usually none does
-    (``gain.abs()``). Which case a tensor is in is found with one pass and remembered with the
-    tensor's version counter, so any in-place change (a boundary, a load, a user's edit)
-    makes it look again.
+    :func:`decode_gain` works per element, which on CPU costs more than the update's other
+    passes. Most tensors need less: before their first nonzero sum every gain reads 1
+    (nothing to multiply: ``None``), and afterwards usually every gain is set (one
+    ``gain.abs()``); only a mix (an embedding with unseen rows) is decoded. Which case a
+    tensor is in is found with one pass and remembered with the tensor's version counter, so
+    any in-place change (a boundary, a load, a user's edit) makes it look again.
     """
 
     def __init__(self):
-        from torch.utils.weak import WeakIdKeyDictionary
-
         self._kinds = WeakIdKeyDictionary()  # gain tensor -> (its _version, kind)
 
     def _kind(self, gain: torch.Tensor) -> str:
