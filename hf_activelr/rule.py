@@ -172,15 +172,12 @@ def apply_foreach(
     gains: list[torch.Tensor],
     grad_sums: list[torch.Tensor],
     deltas: list[torch.Tensor],
-    alpha: float = 1.0,
-    multipliers: GainMultipliers | None = None,
+    alpha: float,
+    multipliers: GainMultipliers,
 ) -> None:
     """Multi-tensor :func:`apply_single`; ``multipliers`` (kept by the optimizer) skips the
     per-element decoding where it can."""
     torch._foreach_add_(grad_sums, grads)
-    if multipliers is None:
-        torch._foreach_addcmul_(params, deltas, [decode_gain(g) for g in gains], value=alpha)
-        return
     scales = multipliers(gains)
     ones = [i for i, scale in enumerate(scales) if scale is None]
     scaled = [i for i, scale in enumerate(scales) if scale is not None]

@@ -5,9 +5,9 @@ The gain scales the element's learning rate. For optimizers whose step is linear
 ``p_new = p_old + g * (p_base - p_old)``, where ``p_base`` is where the wrapped optimizer's
 own step takes the parameter. The wrapper remembers ``p_old``, lets the optimizer step, and
 scales the displacement: no knowledge of the optimizer's internals, so it works with third
-party optimizers too. It costs a copy of the stepped parameters (kept between steps: 4 more
-bytes per fp32 parameter) and a few passes over them per step; the built-in variants
-(``ActiveAdamW``, ...) fold the gain into their update instead.
+party optimizers too. It costs a copy of the stepped parameters per step (none for a tensor
+whose gains all read 1) and a few passes over them; the built-in variants (``ActiveAdamW``,
+...) fold the gain into their update instead.
 """
 
 from __future__ import annotations
@@ -103,9 +103,8 @@ class ActiveLR(ActiveMixin, Optimizer):
                     or not self._gain_multipliers.reads_one(s["gain"])]
             if keep:
                 params = [params[i] for i in keep]
-                starts = [self._start_buffer(param) for param in params]
-                torch._foreach_copy_(starts, params)
-                moved.append((group, params, [states[i] for i in keep], starts))
+                moved.append((group, params, [states[i] for i in keep],
+                              torch._foreach_mul(params, 1.0)))  # where they stood
         self.optimizer.step()
         for group, params, states, starts in moved:
             scales = self._gain_multipliers([s["gain"] for s in states])
@@ -119,15 +118,6 @@ class ActiveLR(ActiveMixin, Optimizer):
         for group in self.param_groups:
             self._tick(group)
         return loss
-
-    def _start_buffer(self, param: torch.Tensor) -> torch.Tensor:
-        """Where ``param`` stood before the wrapped step. Kept between steps (not saved):
-        allocating a copy of every parameter per step cost more than the copy itself."""
-        buffers = self.__dict__.setdefault("_starts", {})
-        buffer = buffers.get(param)
-        if buffer is None:
-            buffer = buffers[param] = torch.empty_like(param, memory_format=torch.preserve_format)
-        return buffer
 
     def state_dict(self) -> dict:
         """The wrapped optimizer's state dict with ``gain``/``grad_sum`` added per parameter."""
