@@ -21,16 +21,19 @@ _COMPILED: dict = {}
 _RECOMPILE_LIMIT = 64
 
 
-def _fused_step_impl(delta_fn, param, grad, gain, grad_sum, tensors, scalars, alpha):
+def _fused_step_impl(delta_fn, param, grad, gain, grad_sum, tensors, scalars, alpha,
+                     grad_sq_sum=None):
     rule.apply_single(param, grad, gain, grad_sum, delta_fn(param, grad, *tensors, **scalars),
-                      alpha)
+                      alpha, grad_sq_sum)
 
 
-def _fused_chunk_impl(delta_fn, params, grads, gains, grad_sums, tensor_lists, scalars, alpha):
-    for param, grad, gain, grad_sum, tensors in zip(params, grads, gains, grad_sums,
-                                                    tensor_lists):
+def _fused_chunk_impl(delta_fn, params, grads, gains, grad_sums, tensor_lists, scalars, alpha,
+                      grad_sq_sums=None):
+    for index, (param, grad, gain, grad_sum, tensors) in enumerate(
+        zip(params, grads, gains, grad_sums, tensor_lists)
+    ):
         rule.apply_single(param, grad, gain, grad_sum, delta_fn(param, grad, *tensors, **scalars),
-                          alpha)
+                          alpha, None if grad_sq_sums is None else grad_sq_sums[index])
 
 
 def _compiled_for(delta_fn, impl=_fused_step_impl, suffix="", dynamic=True):
@@ -71,16 +74,17 @@ def _as_tensors(scalars: dict, names, like: torch.Tensor, cache: dict) -> dict:
 
 
 def fused_step(delta_fn, param, grad, state, tensors, scalars, step_scalars, cache,
-               alpha: float = 1.0) -> None:
+               alpha: float = 1.0, grad_sq_sum=None) -> None:
     """Run ``delta_fn`` and the rule on one parameter as a single compiled kernel.
     ``step_scalars``: names of the floats that change every step; ``cache``: a dict the caller
-    keeps for one step, shared by its parameters."""
-    everything = (param, grad, state["gain"], state["grad_sum"], *tensors)
+    keeps for one step, shared by its parameters; ``grad_sq_sum``: the period's squares, where
+    the group tests significance."""
+    everything = (param, grad, state["gain"], state["grad_sum"], grad_sq_sum, *tensors)
     flat = all(t is None or t.is_contiguous() for t in everything)
-    param, grad, gain, grad_sum, *tensors = (_alias(t, flat) for t in everything)
+    param, grad, gain, grad_sum, grad_sq_sum, *tensors = (_alias(t, flat) for t in everything)
     scalars = _as_tensors(scalars, step_scalars, state["gain"], cache)
     _compiled_for(delta_fn)(delta_fn, param, grad, gain, grad_sum, tuple(tensors), scalars,
-                            alpha)
+                            alpha, grad_sq_sum)
 
 
 # Tensors per compiled call on the chunked path: bounds the compile time of one graph, and
@@ -89,7 +93,7 @@ CHUNK = 24
 
 
 def fused_chunks(delta_fn, params, grads, states, tensor_lists, scalars, step_scalars,
-                 cache, alpha: float = 1.0) -> None:
+                 cache, alpha: float = 1.0, significance: bool = False) -> None:
     """The fused step for many parameters sharing the same scalars (the usual case: one param
     group, one step count), ``CHUNK`` tensors per compiled call: one dispatch per chunk instead
     of one per tensor, which is what the per-tensor path spends most of its time on."""
@@ -106,4 +110,5 @@ def fused_chunks(delta_fn, params, grads, states, tensor_lists, scalars, step_sc
             [tuple(tensors) for tensors in tensor_lists[start:stop]],
             scalars,
             alpha,
+            [s["grad_sq_sum"] for s in states[start:stop]] if significance else None,
         )

@@ -10,7 +10,8 @@ from ._validation import EPOCH, check_active_args, check_period
 
 # Group settings added after the first release, with the values that reproduce the rule a
 # state saved without them ran (the paper's additive increase, gains from 1).
-PRE_OPTION_DEFAULTS = {"gain_increase": "additive", "gain_init": 1.0, "grad_sum_dtype": None}
+PRE_OPTION_DEFAULTS = {"gain_increase": "additive", "gain_init": 1.0, "grad_sum_dtype": None,
+                       "significance": None}
 
 
 class ActiveMixin:
@@ -25,6 +26,7 @@ class ActiveMixin:
             group["lr_high"], group["lr_low"], group["period"],
             group["gain_min"], group["gain_max"], group["zero_sum"],
             group["gain_increase"], group["gain_init"], group["grad_sum_dtype"],
+            group["significance"],
         )
         group["grad_sum_dtype"] = checked["grad_sum_dtype"]  # torch.bfloat16 -> "bfloat16"
         for param in group["params"]:
@@ -45,7 +47,8 @@ class ActiveMixin:
     def _ensure_active_state(self, param, state, group) -> None:
         if "gain" not in state:
             self._gain_stats_cache = None
-        rule.ensure_state(param, state, group["zero_sum"], group["grad_sum_dtype"])
+        rule.ensure_state(param, state, group["zero_sum"], group["grad_sum_dtype"],
+                          group["significance"] is not None)
 
     def set_period(self, period: int, *, only_epoch: bool = True) -> None:
         """Set ``period`` (optimizer steps) on the groups that asked for ``"epoch"`` (or on all
@@ -200,8 +203,9 @@ class ActiveMixin:
             # The sum's storage follows the group's setting (a state saved under the other
             # setting converts: bf16 -> fp32 is exact, fp32 -> bf16 keeps every sign).
             for param in group["params"]:
-                grad_sum = self.state.get(param, {}).get("grad_sum")
                 dtype = rule.sum_dtype(param, group["grad_sum_dtype"])
-                if grad_sum is not None and grad_sum.dtype != dtype:
-                    self.state[param]["grad_sum"] = grad_sum.to(dtype)
+                for key in ("grad_sum", "grad_sq_sum"):
+                    running = self.state.get(param, {}).get(key)
+                    if running is not None and running.dtype != dtype:
+                        self.state[param][key] = running.to(dtype)
         self._gain_stats_cache = None

@@ -58,7 +58,7 @@ GRAD_SUM_DTYPES = ("bfloat16",)
 #: The ActiveLR settings every param group carries.
 ACTIVE_GROUP_KEYS = (
     "lr_high", "lr_low", "period", "gain_min", "gain_max", "zero_sum", "gain_increase",
-    "gain_init", "grad_sum_dtype",
+    "gain_init", "grad_sum_dtype", "significance",
 )
 
 
@@ -97,7 +97,7 @@ def check_grad_sum_dtype(grad_sum_dtype):
 
 def check_active_args(
     lr_high, lr_low, period, gain_min=None, gain_max=None, zero_sum="hold",
-    gain_increase="additive", gain_init=1.0, grad_sum_dtype=None,
+    gain_increase="additive", gain_init=1.0, grad_sum_dtype=None, significance=None,
 ):
     """Validate the ActiveLR hyperparameters; returns them as a dict for a param group."""
     check_real("lr_high", lr_high, low=0.0)
@@ -112,6 +112,8 @@ def check_active_args(
     if gain_increase not in GAIN_INCREASES:
         raise ValueError(f"gain_increase must be one of {GAIN_INCREASES}, got {gain_increase!r}")
     check_real("gain_init", gain_init, low=0.0, low_open=True)
+    if significance is not None:
+        check_real("significance", significance, low=0.0, low_open=True)
     if gain_min is not None and gain_init < gain_min:
         raise ValueError(f"gain_init must be >= gain_min ({gain_min}), got {gain_init}")
     if gain_max is not None and gain_init > gain_max:
@@ -126,4 +128,5 @@ def check_active_args(
         "gain_increase": gain_increase,
         "gain_init": float(gain_init),
         "grad_sum_dtype": check_grad_sum_dtype(grad_sum_dtype),
+        "significance": None if significance is None else float(significance),
     }

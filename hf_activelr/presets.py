@@ -35,7 +35,17 @@ TWO_SIDED = {
 #: authors' conservative RAdam / AdaBelief settings.
 PAPER_FALLBACK = {"lr_high": 0.05, "lr_low": 0.95}
 
-PRESETS = ("paper", "two_sided")
+#: The noise-robust rule (see module docstring and docs/algorithm.md): a period's sign counts
+#: only where the sum stands out of its own noise, ``|s| > 2 * sqrt(sum(grad ** 2))``; other
+#: elements hold their gain. Increase and decrease are mirror images (``x1.5`` and ``/1.5``),
+#: so signs that agree or flip at random leave ``log(gain)`` without drift; gains start at 1
+#: and stay within one decade of it; a period of 10 steps, so short runs adapt too.
+SIGNIFICANT = {
+    "lr_high": 0.5, "lr_low": 1 / 1.5, "gain_increase": "multiplicative", "gain_init": 1.0,
+    "gain_min": 0.1, "gain_max": 10.0, "period": 10, "significance": 2.0,
+}
+
+PRESETS = ("paper", "two_sided", "significant")
 DEFAULT_PRESET = "two_sided"
 
 
@@ -47,6 +57,8 @@ def preset_kwargs(name: str, optimizer_cls=None) -> dict:
         raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
     if name == "two_sided":
         return dict(TWO_SIDED)
+    if name == "significant":
+        return dict(SIGNIFICANT)
     if optimizer_cls is None:
         from .optim import ActiveAdamW as optimizer_cls
     # The classes' own defaults are the authors' values (ActiveAdamW 2.0 / 0.5, ...).
@@ -58,4 +70,4 @@ def preset_kwargs(name: str, optimizer_cls=None) -> dict:
         for key, fallback in PAPER_FALLBACK.items()
     }
     return {**values, "gain_increase": "additive", "gain_init": 1.0, "gain_min": None,
-            "gain_max": None, "period": EPOCH}
+            "gain_max": None, "period": EPOCH, "significance": None}

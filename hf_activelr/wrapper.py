@@ -29,13 +29,14 @@ class ActiveLR(ActiveMixin, Optimizer):
     (schedulers move ``lr`` on both), ``state_dict`` holds the wrapped optimizer's state plus
     ``gain`` and ``grad_sum`` per parameter, ``zero_grad`` and hooks work as usual.
     ``lr_high``, ``lr_low``, ``period`` (and ``gain_min``, ``gain_max``, ``zero_sum``,
-    ``gain_increase``, ``gain_init``, ``grad_sum_dtype``) are stored in each param group.
+    ``gain_increase``, ``gain_init``, ``grad_sum_dtype``, ``significance``) are stored in each
+    param group.
     """
 
     def __init__(
         self, optimizer: Optimizer, *, lr_high, lr_low, period=None, gain_min=None,
         gain_max=None, zero_sum="hold", gain_increase="additive",
-        gain_init=1.0, grad_sum_dtype=None,
+        gain_init=1.0, grad_sum_dtype=None, significance=None,
     ):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -45,7 +46,7 @@ class ActiveLR(ActiveMixin, Optimizer):
             raise TypeError(f"{type(optimizer).__name__} is already Active; do not wrap it again")
         active = check_active_args(
             lr_high, lr_low, period, gain_min, gain_max, zero_sum, gain_increase, gain_init,
-            grad_sum_dtype,
+            grad_sum_dtype, significance,
         )
         self.optimizer = optimizer
         super().__init__(optimizer.param_groups, {**optimizer.defaults, **active})
@@ -98,6 +99,9 @@ class ActiveLR(ActiveMixin, Optimizer):
                 continue
             # The raw gradients, before the wrapped optimizer may touch them.
             torch._foreach_add_([s["grad_sum"] for s in states], [p.grad for p in params])
+            if group["significance"] is not None:
+                torch._foreach_addcmul_([s["grad_sq_sum"] for s in states],
+                                        [p.grad for p in params], [p.grad for p in params])
             # Where every gain reads 1 (and gain_init is 1) the wrapped step stands as it is.
             keep = [i for i, s in enumerate(states) if group["gain_init"] != 1.0
                     or not self._gain_multipliers.reads_one(s["gain"])]

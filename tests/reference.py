@@ -22,6 +22,10 @@ Per element: gain ``g = 1``, running sum ``s = 0``, previous sign absent. At eac
 Gains are clamped to ``[gain_min, gain_max]`` where given; then ``s = 0``. With
 ``grad_sum_dtype="bfloat16"`` the sum is rounded to bfloat16 after every addition.
 
+With ``significance=z`` the element also sums its squared gradients ``q`` over the period,
+and at a boundary its sum counts as zero (no sign) unless ``|s| > z * sqrt(q)``; then
+``q = 0``.
+
 Like torch's optimizers, a parameter's state (base and ActiveLR) is created when it first
 receives a gradient; a parameter whose gradient is ``None`` takes no base step and adds
 nothing to its sum, but its gain still adapts at its group's boundaries once it has state.
@@ -52,7 +56,7 @@ BASE_DEFAULTS = {
 }
 ACTIVE_DEFAULTS = dict(
     gain_min=None, gain_max=None, zero_sum="hold", gain_increase="additive", gain_init=1.0,
-    grad_sum_dtype=None,
+    grad_sum_dtype=None, significance=None,
 )
 
 
@@ -194,9 +198,13 @@ def _grown(gain: float, group: dict) -> float:
     return gain + group["lr_high"]
 
 
-def adapt_element(gain: float, prev, total: float, group: dict):
+def adapt_element(gain: float, prev, total: float, group: dict, squares: float = 0.0):
     """One element at a boundary: returns ``(new gain, new previous sign)``."""
     sign = _sign(total)
+    if group["significance"] is not None and not abs(total) > group["significance"] * math.sqrt(
+        squares
+    ):
+        sign = 0  # the sum does not stand out of its period's noise
     changed = False
     if group["zero_sum"] == "hold":
         if prev is not None and sign != 0:  # prev is never 0 under "hold"
@@ -250,11 +258,13 @@ class Reference:
                     group["states"][j] = {
                         "gain": torch.full_like(p, group["gain_init"]),
                         "sum": torch.zeros_like(p),
+                        "squares": torch.zeros_like(p),
                         "prev": [None] * p.numel(),
                         "base": {},
                     }
                 state = group["states"][j]
                 state["sum"] = state["sum"] + grad
+                state["squares"] = state["squares"] + grad * grad
                 if group["grad_sum_dtype"] == "bfloat16":  # the sum is stored in bfloat16
                     state["sum"] = state["sum"].to(torch.bfloat16).to(torch.float64)
                 group["params"][j] = base_step(p, grad, state["base"], group, state["gain"])
@@ -268,10 +278,13 @@ class Reference:
     def _end_period(state: dict, group: dict) -> None:
         gains = state["gain"].reshape(-1).tolist()
         sums = state["sum"].reshape(-1).tolist()
-        for i, (gain, total) in enumerate(zip(gains, sums)):
-            gains[i], state["prev"][i] = adapt_element(gain, state["prev"][i], total, group)
+        squares = state["squares"].reshape(-1).tolist()
+        for i, (gain, total, square) in enumerate(zip(gains, sums, squares)):
+            gains[i], state["prev"][i] = adapt_element(gain, state["prev"][i], total, group,
+                                                       square)
         state["gain"] = torch.tensor(gains, dtype=torch.float64).reshape(state["gain"].shape)
         state["sum"] = torch.zeros_like(state["sum"])
+        state["squares"] = torch.zeros_like(state["squares"])
 
     # -- reading ----------------------------------------------------------------------------
 

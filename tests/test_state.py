@@ -89,6 +89,13 @@ CONFIGS = [
     ("ActiveAMSBound", _variant(ActiveAdaBound, lr=1e-2, amsbound=True,
                                 lr_high=0.5, lr_low=0.5)),
     ("ActiveLR(Adam)", _wrapped_adam),
+    # The significance test keeps the period's squared gradients too (grad_sq_sum).
+    ("ActiveAdamW-significant", _variant(ActiveAdamW, lr=1e-2, lr_high=0.5, lr_low=1 / 1.5,
+                                         gain_increase="multiplicative", significance=1.0)),
+    ("ActiveSGD-significant", _variant(ActiveSGD, lr=0.05, momentum=0.9, lr_high=0.5,
+                                       lr_low=0.5, significance=0.5)),
+    ("ActiveLR(Adam)-significant", lambda params, **kw: _wrapped_adam(
+        params, significance=1.0, **kw)),
 ]
 configs = pytest.mark.parametrize("factory", [f for _, f in CONFIGS],
                                   ids=[name for name, _ in CONFIGS])

@@ -86,7 +86,8 @@ class ActiveAdaBelief(ActiveOptimizer):
         weight_decouple=True, fixed_decay=False, rectify=True, degenerated_to_sgd=True,
         print_change_log=False,
         *, lr_high=0.05, lr_low=0.95, period=None, gain_min=None, gain_max=None,
-        gain_increase="additive", gain_init=1.0, grad_sum_dtype=None, zero_sum="hold",
+        gain_increase="additive", gain_init=1.0, grad_sum_dtype=None, significance=None,
+        zero_sum="hold",
         foreach=None, fused=None,
     ):
         check_bool("print_change_log", print_change_log)
@@ -98,7 +99,8 @@ class ActiveAdaBelief(ActiveOptimizer):
         super().__init__(
             params, defaults, lr_high=lr_high, lr_low=lr_low, period=period, gain_min=gain_min,
             gain_max=gain_max, gain_increase=gain_increase, gain_init=gain_init, zero_sum=zero_sum,
-            grad_sum_dtype=grad_sum_dtype, foreach=foreach, fused=fused,
+            grad_sum_dtype=grad_sum_dtype, significance=significance, foreach=foreach,
+            fused=fused,
         )
 
     def _check_group(self, group):

@@ -53,7 +53,8 @@ class ActiveAdaBound(ActiveOptimizer):
         self, params, lr=1e-3, betas=(0.9, 0.999), final_lr=0.1, gamma=1e-3, eps=1e-8,
         weight_decay=0.0, amsbound=False,
         *, lr_high, lr_low, period=None, gain_min=None, gain_max=None,
-        gain_increase="additive", gain_init=1.0, grad_sum_dtype=None, zero_sum="hold",
+        gain_increase="additive", gain_init=1.0, grad_sum_dtype=None, significance=None,
+        zero_sum="hold",
         foreach=None, fused=None,
     ):
         defaults = dict(
@@ -63,7 +64,8 @@ class ActiveAdaBound(ActiveOptimizer):
         super().__init__(
             params, defaults, lr_high=lr_high, lr_low=lr_low, period=period, gain_min=gain_min,
             gain_max=gain_max, gain_increase=gain_increase, gain_init=gain_init, zero_sum=zero_sum,
-            grad_sum_dtype=grad_sum_dtype, foreach=foreach, fused=fused,
+            grad_sum_dtype=grad_sum_dtype, significance=significance, foreach=foreach,
+            fused=fused,
         )
 
     def _check_group(self, group):

@@ -52,13 +52,14 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
         gain_increase="additive",
         gain_init=1.0,
         grad_sum_dtype=None,
+        significance=None,
         zero_sum="hold",
         foreach=None,
         fused=None,
     ):
         active = check_active_args(
             lr_high, lr_low, period, gain_min, gain_max, zero_sum, gain_increase, gain_init,
-            grad_sum_dtype,
+            grad_sum_dtype, significance,
         )
         if foreach is not None:
             check_bool("foreach", foreach)
@@ -146,6 +147,7 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
                 rule.apply_foreach(
                     p_, g_, [s["gain"] for s in s_], [s["grad_sum"] for s in s_], deltas,
                     alpha * group["gain_init"], self._gain_multipliers,
+                    None if group["significance"] is None else [s["grad_sq_sum"] for s in s_],
                 )
             return
         prepared = [self._prepare(group, p, s) for p, s in zip(params, states)]
@@ -153,7 +155,7 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
             for param, grad, state, (tensors, scalars) in zip(params, grads, states, prepared):
                 delta = type(self)._delta(param, grad, *tensors, **scalars)
                 rule.apply_single(param, grad, state["gain"], state["grad_sum"], delta,
-                                  group["gain_init"])
+                                  group["gain_init"], _sq_sum(group, state))
             return
         scalar_cache: dict = {}  # the fused path's per-step scalars, shared by the group
         if len(params) == len(group["params"]):
@@ -170,19 +172,26 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
                     type(self)._delta, [params[i] for i in indices], [grads[i] for i in indices],
                     [states[i] for i in indices], [prepared[i][0] for i in indices], scalars,
                     self._step_scalars, scalar_cache, group["gain_init"],
+                    group["significance"] is not None,
                 )
             return
         # Some parameters have no gradient this step: one call per tensor, so a changing set
         # of parameters never triggers a compilation.
         for param, grad, state, (tensors, scalars) in zip(params, grads, states, prepared):
             fused_step(type(self)._delta, param, grad, state, tensors, scalars,
-                       self._step_scalars, scalar_cache, group["gain_init"])
+                       self._step_scalars, scalar_cache, group["gain_init"],
+                       _sq_sum(group, state))
 
     def load_state_dict(self, state_dict) -> None:
         self._validate_state_dict(state_dict)
         previous = [dict(group) for group in self.param_groups]
         super().load_state_dict(state_dict)
         self._restore_active_state(state_dict, previous)
+
+
+def _sq_sum(group: dict, state: dict):
+    """The period's sum of squared gradients, where the group tests significance."""
+    return None if group["significance"] is None else state["grad_sq_sum"]
 
 
 def _group_by_device_and_dtype(tensors) -> list[list[int]]:

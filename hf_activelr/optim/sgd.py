@@ -39,7 +39,8 @@ class ActiveSGD(ActiveOptimizer):
     def __init__(
         self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
         *, lr_high, lr_low, period=None, gain_min=None, gain_max=None,
-        gain_increase="additive", gain_init=1.0, grad_sum_dtype=None, zero_sum="hold",
+        gain_increase="additive", gain_init=1.0, grad_sum_dtype=None, significance=None,
+        zero_sum="hold",
         foreach=None, fused=None,
     ):
         defaults = dict(
@@ -49,7 +50,8 @@ class ActiveSGD(ActiveOptimizer):
         super().__init__(
             params, defaults, lr_high=lr_high, lr_low=lr_low, period=period, gain_min=gain_min,
             gain_max=gain_max, gain_increase=gain_increase, gain_init=gain_init, zero_sum=zero_sum,
-            grad_sum_dtype=grad_sum_dtype, foreach=foreach, fused=fused,
+            grad_sum_dtype=grad_sum_dtype, significance=significance, foreach=foreach,
+            fused=fused,
         )
 
     def _check_group(self, group):

