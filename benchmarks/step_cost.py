@@ -75,6 +75,12 @@ def candidates(args):
         ("ActiveAdamW fused, bf16 sums", "adamw", lambda p: hal.ActiveAdamW(
             p, period=period, grad_sum_dtype="bfloat16", fused=True)),
         ("ActiveAdamW foreach", "adamw", lambda p: hal.ActiveAdamW(p, period=period)),
+        # The significance test also sums squared gradients (one more stream, 4 bytes per
+        # parameter). z = 0.5 lets every fixed-gradient sum count, so the gains are all set.
+        ("ActiveAdamW fused, significance", "adamw", lambda p: hal.ActiveAdamW(
+            p, period=period, significance=0.5, fused=True)),
+        ("ActiveAdamW foreach, significance", "adamw", lambda p: hal.ActiveAdamW(
+            p, period=period, significance=0.5)),
         ("ActiveLR(torch AdamW fused)", "adamw", lambda p: hal.ActiveLR(
             torch.optim.AdamW(p, fused=True), lr_high=2.0, lr_low=0.5, period=period)),
         ("torch RAdam foreach", "adamw", lambda p: torch.optim.RAdam(p, foreach=True)),

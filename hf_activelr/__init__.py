@@ -4,8 +4,10 @@ ActiveLR (Wadi, Fredette, Senecal, "Read the Signs: Towards Invariance to Gradie
 Hyperparameter Initialization", arXiv 2301.10133) gives every parameter element its own
 learning-rate gain and adapts it once a period from the sign of the gradient summed over
 the period: the same sign as last period, the gain grows by ``lr_high``; a flipped sign,
-it is multiplied by ``lr_low``. Presets (:mod:`hf_activelr.presets`): the paper's rule, and a
-two-sided one (multiplicative increase, bounded gains) chosen by LR sweeps.
+it is multiplied by ``lr_low``. Presets (:mod:`hf_activelr.presets`): the paper's rule, the
+noise-robust ``significant`` rule (the default of ``active_adamw``: a sign counts only when the
+period's sum stands out of its noise) chosen by the quality protocol, and the earlier
+``two_sided`` rule.
 """
 
 from .distributed import check_consistent, consistency_report

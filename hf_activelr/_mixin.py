@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import rule
-from ._validation import EPOCH, check_active_args, check_period
+from ._validation import EPOCH, check_active_args, check_period, check_significance_reachable
 
 # Group settings added after the first release, with the values that reproduce the rule a
 # state saved without them ran (the paper's additive increase, gains from 1).
@@ -54,6 +54,9 @@ class ActiveMixin:
         """Set ``period`` (optimizer steps) on the groups that asked for ``"epoch"`` (or on all
         groups with ``only_epoch=False``). The Trainer integration calls it at train start."""
         period = check_period(period, allow_epoch=False)
+        for group in self.param_groups:
+            if (group["period"] == EPOCH or not only_epoch) and group["significance"]:
+                check_significance_reachable(group["significance"], period)
         for group in self.param_groups:
             if group["period"] == EPOCH or not only_epoch:
                 group["period"] = period

@@ -79,6 +79,19 @@ def check_period(period, allow_epoch: bool = True):
     return int(period)
 
 
+def check_significance_reachable(significance, period: int) -> None:
+    """A sum of ``n`` gradients is at most ``sqrt(n)`` times the root of their summed squares
+    (Cauchy-Schwarz), so ``significance=z`` can only be met when ``period > z ** 2``; a smaller
+    period would silently freeze every gain."""
+    if period <= significance**2:
+        raise ValueError(
+            f"significance={significance} needs period > significance**2 = "
+            f"{significance**2:g} (a sum of n gradients is at most sqrt(n) times the root of "
+            f"their squares), got period={period}: use a longer period or a smaller "
+            "significance"
+        )
+
+
 def check_grad_sum_dtype(grad_sum_dtype):
     """``None`` (the gains' dtype) or ``"bfloat16"``; ``torch.bfloat16`` is taken as its name,
     so param groups and state dicts hold a plain string."""
@@ -114,6 +127,8 @@ def check_active_args(
     check_real("gain_init", gain_init, low=0.0, low_open=True)
     if significance is not None:
         check_real("significance", significance, low=0.0, low_open=True)
+        if period != EPOCH:
+            check_significance_reachable(significance, period)
     if gain_min is not None and gain_init < gain_min:
         raise ValueError(f"gain_init must be >= gain_min ({gain_min}), got {gain_init}")
     if gain_max is not None and gain_init > gain_max:

@@ -43,10 +43,16 @@ def _sweep(args) -> int:
 
         points = protocol.plan(quick=args.quick, seeds=args.protocol_seeds,
                                candidates=args.candidates or (), only_tasks=args.tasks,
-                               only_schedules=args.schedules, peers=not args.no_peers)
+                               only_schedules=args.schedules, peers=not args.no_peers,
+                               candidates_only=args.candidates_only)
         print(f"{len(points)} protocol runs", flush=True)
-        records = sweep.sweep(points, args.output_dir, jobs=args.jobs, threads=args.threads,
-                              force=args.force, progress=lambda line: print(line, flush=True))
+        if args.report_only:
+            records = sweep.finished(points, args.output_dir)
+            print(f"{len(records)} of them finished: reporting those", flush=True)
+        else:
+            records = sweep.sweep(points, args.output_dir, jobs=args.jobs,
+                                  threads=args.threads, force=args.force,
+                                  progress=lambda line: print(line, flush=True))
         text = protocol.report(records, args.output_dir, quick=args.quick,
                                command="hf-activelr " + " ".join(sys.argv[1:]))
         print(text)
@@ -154,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "'active_adamw:preset=significant,significance=1.5'")
     sweep.add_argument("--protocol-seeds", "--protocol_seeds", dest="protocol_seeds", nargs="+",
                        type=int, help="with --protocol: seeds (default 0 1 2; quick: 0)")
+    sweep.add_argument("--candidates-only", "--candidates_only", dest="candidates_only",
+                       action="store_true",
+                       help="with --protocol: only the candidates and each task's base")
+    sweep.add_argument("--report-only", "--report_only", dest="report_only",
+                       action="store_true",
+                       help="with --protocol: report the finished runs, run nothing")
     sweep.add_argument("--no-peers", "--no_peers", dest="no_peers", action="store_true",
                        help="with --protocol: leave out the installed peer optimizers")
     sweep.add_argument("--schedules", nargs="+", choices=["linear", "constant"],

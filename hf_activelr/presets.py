@@ -1,15 +1,20 @@
-"""Named ActiveLR settings: the paper's rule, and a two-sided rule chosen by LR sweeps.
+"""Named ActiveLR settings: the paper's rule and two rules beyond it, chosen by measurement.
 
-    ActiveAdamW(model.parameters(), lr=1e-3, period=10, **preset_kwargs("two_sided"))
+    ActiveAdamW(model.parameters(), lr=1e-3, **preset_kwargs("significant"))
     TrainingArguments(optim="active_adamw", optim_args="preset=paper")
 
 - ``"paper"``: Wadi et al. (arXiv 2301.10133) unchanged: additive increase ``gain += lr_high``
   where the period sum keeps its sign, ``gain *= lr_low`` where it flips, no bounds, one epoch
   per period. Values per variant as in the authors' code (AdamW 2.0 / 0.5; RAdam, AdaBelief
   0.05 / 0.95; SGD and AdaBound, which have no published values, 0.05 / 0.95).
-- ``"two_sided"``: see :data:`TWO_SIDED` and README ("Two-sided ActiveLR"): a multiplicative
-  increase, so that random signs (a too-large learning rate) shrink the gain instead of
-  growing it, gains bounded to two decades either side of 1, and a short period.
+- ``"significant"`` (the default of ``active_adamw``): see :data:`SIGNIFICANT`,
+  docs/algorithm.md and README ("Quality"): a sign counts only where the period's sum stands
+  out of its own noise, mirrored increase and decrease (no drift under noise), gains from 0.3
+  within [0.03, 30], a 10-step period.
+- ``"two_sided"`` (the previous default, kept for comparison): see :data:`TWO_SIDED`: a
+  multiplicative increase with ``x1.5 / x0.5``, so random signs shrink the gain, gains from
+  0.1 within [0.001, 100], a 10-step period. Its downward drift under noise makes most gains
+  collapse toward the floor in runs of more than a few hundred steps.
 
 The Trainer name ``active_adamw`` uses :data:`DEFAULT_PRESET`; ``active_adamw_paper`` the
 paper's. The optimizer classes keep the paper's argument defaults (explicit arguments always
@@ -28,25 +33,28 @@ from ._validation import EPOCH
 #: geometrically, up to ``gain_max``.
 TWO_SIDED = {
     "lr_high": 0.5, "lr_low": 0.5, "gain_increase": "multiplicative", "gain_init": 0.1,
-    "gain_min": 0.001, "gain_max": 100.0, "period": 10,
+    "gain_min": 0.001, "gain_max": 100.0, "period": 10, "significance": None,
 }
 
 #: The paper's rule where a class has no published values (SGD, AdaBound, the wrapper): the
 #: authors' conservative RAdam / AdaBelief settings.
 PAPER_FALLBACK = {"lr_high": 0.05, "lr_low": 0.95}
 
-#: The noise-robust rule (see module docstring and docs/algorithm.md): a period's sign counts
-#: only where the sum stands out of its own noise, ``|s| > 2 * sqrt(sum(grad ** 2))``; other
-#: elements hold their gain. Increase and decrease are mirror images (``x1.5`` and ``/1.5``),
-#: so signs that agree or flip at random leave ``log(gain)`` without drift; gains start at 1
-#: and stay within one decade of it; a period of 10 steps, so short runs adapt too.
+#: The noise-robust rule, the default of ``active_adamw`` (see docs/algorithm.md and README,
+#: "Quality"): a period's sign counts only where the sum stands out of its own noise,
+#: ``|s| > 2 * sqrt(sum(grad ** 2))``; other elements hold their gain, so noise neither grows
+#: nor shrinks it. Increase and decrease are mirror images (``x1.5`` and ``/1.5``): signs that
+#: agree or flip at random leave ``log(gain)`` without drift. Gains start at 0.3, so a
+#: learning rate too large for a fresh model is cut before any evidence exists (0.1 lost too
+#: much in short and large-batch runs, 1 protected nothing; both screened), and range from
+#: 0.03 to 30. A period of 10 steps, so runs shorter than two epochs adapt too.
 SIGNIFICANT = {
-    "lr_high": 0.5, "lr_low": 1 / 1.5, "gain_increase": "multiplicative", "gain_init": 1.0,
-    "gain_min": 0.1, "gain_max": 10.0, "period": 10, "significance": 2.0,
+    "lr_high": 0.5, "lr_low": 1 / 1.5, "gain_increase": "multiplicative", "gain_init": 0.3,
+    "gain_min": 0.03, "gain_max": 30.0, "period": 10, "significance": 2.0,
 }
 
 PRESETS = ("paper", "two_sided", "significant")
-DEFAULT_PRESET = "two_sided"
+DEFAULT_PRESET = "significant"
 
 
 def preset_kwargs(name: str, optimizer_cls=None) -> dict:

@@ -88,11 +88,13 @@ def arms(quick: bool = False) -> list[Arm]:
 
 
 def plan(quick: bool = False, seeds=None, candidates=(), only_tasks=None,
-         only_schedules=None, peers: bool = True) -> list[Point]:
+         only_schedules=None, peers: bool = True, candidates_only: bool = False
+         ) -> list[Point]:
     """The protocol's points, seed by seed (so a partial run covers every task early).
     ``candidates``: extra optimizer specs screened on the AdamW arms (``"active_adamw:..."``)
     or the SGD arms (``"active_sgd:..."``); ``only_tasks`` / ``only_schedules``: keep these
-    only (screening); ``peers=False``: leave out the installed peers."""
+    only (screening); ``peers=False``: leave out the installed peers; ``candidates_only``: the
+    candidates and each arm's base, nothing else (a screen beside a finished protocol)."""
     from .sweep_tasks import get_task
 
     seeds = tuple(seeds or ((0,) if quick else PUBLISHED_SEEDS))
@@ -103,9 +105,9 @@ def plan(quick: bool = False, seeds=None, candidates=(), only_tasks=None,
             continue
         task = get_task(arm.task)
         family = "active_sgd" if arm.base == "sgd_momentum" else "active_adamw"
-        optims = [*arm.optims,
-                  *(c for c in candidates if c.split(":")[0].startswith(family)),
-                  *(peers if arm.peers else ())]
+        mine = [c for c in candidates if c.split(":")[0].startswith(family)]
+        optims = ([arm.base, *mine] if candidates_only
+                  else [*arm.optims, *mine, *(peers if arm.peers else ())])
         for spec in dict.fromkeys(optims):
             check_optimizer(spec)
         for seed in seeds:

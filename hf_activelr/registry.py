@@ -145,8 +145,9 @@ def _parse_value(key: str, text, kind: type):
 # the conservative RAdam/AdaBelief ones (lr_high=0.05, lr_low=0.95).
 register("active_sgd", ActiveSGD, **PAPER_FALLBACK)
 register("active_sgd_paper", ActiveSGD, **preset_kwargs("paper", ActiveSGD))
-# ``active_adamw`` uses the default preset (two-sided, chosen by LR sweeps: README); the
-# paper's rule stays available, unchanged, as ``active_adamw_paper`` or optim_args="preset=paper".
+# ``active_adamw`` uses the default preset (significant, chosen by the quality protocol:
+# README); the paper's rule stays available, unchanged, as ``active_adamw_paper`` or
+# optim_args="preset=paper".
 register("active_adamw", ActiveAdamW, **preset_kwargs(DEFAULT_PRESET, ActiveAdamW))
 register("active_adamw_paper", ActiveAdamW, **preset_kwargs("paper", ActiveAdamW))
 register("active_radam", ActiveRAdam)

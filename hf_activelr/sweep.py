@@ -327,6 +327,24 @@ def plan(tasks, optimizers, lrs, seeds, batch_sizes=None, lr=1e-3, lr_scaling="n
     return points
 
 
+def _stored(point: Point, path: pathlib.Path) -> dict | None:
+    """The finished record of ``point`` at ``path``, or None (absent, or its optimizer's
+    settings changed since)."""
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("eval_loss", 0.0) is None:
+        record["eval_loss"] = math.inf  # stored as null: no finite loss
+    return record if record.get("settings") == resolved_settings(point.optim) else None
+
+
+def finished(points: list[Point], output_dir) -> list[dict]:
+    """The records of the ``points`` already finished under ``output_dir``, in order."""
+    output_dir = pathlib.Path(output_dir)
+    records = [_stored(point, output_dir / "runs" / f"{point.slug}.json") for point in points]
+    return [record for record in records if record is not None]
+
+
 def sweep(points: list[Point], output_dir, jobs: int = 1, threads: int | None = None,
           force: bool = False, progress=print) -> list[dict]:
     """Run the points not already finished under ``output_dir`` (``jobs`` processes of
@@ -336,10 +354,8 @@ def sweep(points: list[Point], output_dir, jobs: int = 1, threads: int | None = 
     records: dict[Point, dict] = {}
     todo = []
     for point, path in paths.items():
-        record = json.loads(path.read_text()) if path.exists() and not force else None
-        if record is not None and record.get("eval_loss", 0.0) is None:
-            record["eval_loss"] = math.inf  # stored as null: no finite loss
-        if record is not None and record.get("settings") == resolved_settings(point.optim):
+        record = None if force else _stored(point, path)
+        if record is not None:
             records[point] = record
         else:
             path.parent.mkdir(parents=True, exist_ok=True)

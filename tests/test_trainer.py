@@ -44,6 +44,7 @@ from hf_activelr.optim import ActiveAdaBelief, ActiveAdaBound, ActiveAdamW, Acti
 
 BUILT_IN = {
     "active_sgd": ActiveSGD,
+    "active_sgd_paper": ActiveSGD,
     "active_adamw": ActiveAdamW,
     "active_adamw_paper": ActiveAdamW,
     "active_radam": ActiveRAdam,
@@ -210,13 +211,16 @@ def test_stock_trainer_builds_active_adamw_from_training_arguments(tmp_path):
 def test_every_built_in_name_trains_with_the_stock_trainer(tmp_path, name):
     model = tiny_model()
     before = named_params(model)
-    trainer = make_trainer(tmp_path, model=model, optim=name, optim_args="period=2," + FAST,
-                           max_steps=4, learning_rate=1e-3)
+    # Two 2-step periods: a significance test needs z < sqrt(2) to be reachable.
+    significance = "significance=1," if registry.get(name).defaults.get("significance") else ""
+    trainer = make_trainer(tmp_path, model=model, optim=name,
+                           optim_args=f"period=2,{significance}" + FAST, max_steps=4,
+                           learning_rate=1e-3)
     trainer.train()
     active = active_optimizer(trainer)
     assert type(active) is BUILT_IN[name]
     for key, value in registry.get(name).defaults.items():
-        if key != "period":  # given in optim_args
+        if key not in ("period", "significance"):  # given in optim_args
             assert active.param_groups[0][key] == value
     assert all(g["active_step"] == 4 for g in active.param_groups)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -34,8 +34,9 @@ class ActiveAdamW(ActiveOptimizer):
     gain updates (the paper: one epoch). State: torch AdamW's keys plus ``gain`` and
     ``grad_sum`` (16 bytes per fp32 parameter; 14 with ``grad_sum_dtype="bfloat16"``). See
     :mod:`hf_activelr.rule`. The Trainer name
-    ``active_adamw`` uses the two-sided preset (``**preset_kwargs("two_sided")`` here; see
-    :mod:`hf_activelr.presets`), ``active_adamw_paper`` these defaults.
+    ``active_adamw`` uses the noise-robust preset (``**preset_kwargs("significant")`` here,
+    which adds ``grad_sq_sum``: 20 bytes per parameter; see :mod:`hf_activelr.presets`),
+    ``active_adamw_paper`` these defaults.
     """
 
     _base_state_key = "exp_avg"
