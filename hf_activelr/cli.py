@@ -54,7 +54,8 @@ def _sweep(args) -> int:
                                   threads=args.threads, force=args.force,
                                   progress=lambda line: print(line, flush=True))
         text = protocol.report(records, args.output_dir, quick=args.quick,
-                               command="hf-activelr " + " ".join(sys.argv[1:]))
+                               command="hf-activelr " + " ".join(sys.argv[1:]),
+                               candidates=args.candidates or ())
         print(text)
         print(f"wrote {args.output_dir}/protocol.md, protocol.json and the plots")
         return 0

@@ -460,3 +460,15 @@ def test_grad_sum_dtype_takes_torch_dtype_and_stores_its_name(cls):
     opt = build(cls, grad_sum_dtype=torch.bfloat16)
     assert opt.param_groups[0]["grad_sum_dtype"] == "bfloat16"
     assert opt.state_dict()["param_groups"][0]["grad_sum_dtype"] == "bfloat16"
+
+
+def test_set_period_refuses_a_period_the_significance_test_cannot_pass():
+    """An epoch of 3 steps cannot carry z = 2 (a 3-step sum reaches at most sqrt(3) times its
+    noise): the error says so, and no group's period changes."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = ActiveAdamW([param], lr=1e-3, period="epoch", significance=2.0)
+    with pytest.raises(ValueError, match=r"significance=2.0 needs period > significance\*\*2"):
+        optimizer.set_period(3)
+    assert optimizer.param_groups[0]["period"] == "epoch"
+    optimizer.set_period(5)
+    assert optimizer.param_groups[0]["period"] == 5
