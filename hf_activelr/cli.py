@@ -63,9 +63,7 @@ def _sweep(args) -> int:
         raise SystemExit("--quick, --candidates, --schedules and --protocol-seeds go with "
                          "--protocol")
     if args.tasks is None:
-        from .sweep_tasks import available_tasks
-
-        args.tasks = available_tasks()
+        args.tasks = list(sweep.DEFAULT_TASKS)
     points = sweep.plan(
         args.tasks, args.optims or sweep.default_optimizers(), args.lrs, args.seeds,
         batch_sizes=args.batch_sizes, lr=args.lr, lr_scaling=args.lr_scaling,
@@ -128,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-sizes, each batch size at --lr) and seed; finished runs are kept under "
         "OUTPUT_DIR/runs and not redone. Writes sweep.md, sweep.json and sweep_<task>.png.",
     )
-    sweep.add_argument("--tasks", nargs="+", help="sweep tasks (default: all: vit-digits, "
-                       "gpt2-text)")
+    sweep.add_argument("--tasks", nargs="+", help="sweep tasks (default: vit-digits gpt2-text; "
+                       "also resnet-digits, lora-minilm, gpt2-long); with --protocol: keep "
+                       "only these tasks")
     sweep.add_argument("--optims", nargs="+", help="optimizer names, each optionally with "
                        "optim_args: 'active_adamw:preset=paper' (default: active_adamw, its "
                        "paper preset, adamw_torch and the installed peers: prodigy, "

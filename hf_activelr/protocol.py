@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+import re
 import statistics
 from dataclasses import dataclass
 
@@ -278,6 +279,32 @@ def targets(summary: list[dict], optims=DEFAULT_SPECS) -> str:
     return "\n".join(lines)
 
 
+def headline(summary: list[dict]) -> str:
+    """One row per arm: the base's best lr and loss there, and every other optimizer's loss at
+    that lr (minus the base's), with its seeds."""
+    names = list(dict.fromkeys(row["optim"] for block in summary for row in block["rows"]
+                               if row["optim"] != block["base"]))
+    lines = ["| task (schedule) | base, its best lr | base's loss | "
+             + " | ".join(f"`{name}`" for name in names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for block in summary:
+        rows = {row["optim"]: row for row in block["rows"]}
+        base = rows[block["base"]]
+        cells = [block["arm"], f"`{block['base']}`, {block['best_lr']:g}",
+                 f"{_f(base['at_base_best'])} ± {block['tolerance']:.3f} ({base['seeds']} seeds)"]
+        for name in names:
+            row = rows.get(name)
+            if row is None or row["at_base_best"] is None:
+                cells.append("")
+                continue
+            cell = f"{_f(row['at_base_best'])} ({_f(row['vs_base'], signed=True)})"
+            if row["diverged_at_base_best"]:
+                cell += f", {row['diverged_at_base_best']} diverged"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_health(records: list[dict], summary: list[dict], output_dir) -> list[pathlib.Path]:
     """``protocol_gains_<task>.png``: median real gain and the share at a bound over the run,
     per Active optimizer, at the base's best learning rate (seed 0), linear schedule."""
@@ -312,7 +339,7 @@ def plot_health(records: list[dict], summary: list[dict], output_dir) -> list[pa
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
         figure.tight_layout()
-        slug = block["arm"].replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", block["arm"]).strip("_")
         path = pathlib.Path(output_dir) / f"protocol_gains_{slug}.png"
         figure.savefig(path, dpi=100)
         plt.close(figure)
@@ -345,6 +372,10 @@ def report(records: list[dict], output_dir, quick: bool = False, command: str = 
         "### Targets for the default",
         "",
         targets(summary, (*DEFAULT_SPECS, *candidates)),
+        "",
+        "### At the base's best learning rate (difference to the base in brackets)",
+        "",
+        headline(summary),
         "",
         "### Per task",
         "",

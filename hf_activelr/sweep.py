@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import os
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -34,6 +35,9 @@ from dataclasses import asdict, dataclass
 from .reporting import write_json
 
 DEFAULT_LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+#: The tasks a plain sweep runs when none are named: the two short ones (the protocol adds
+#: the CNN, the LoRA fine-tune and the long run).
+DEFAULT_TASKS = ("vit-digits", "gpt2-text")
 DEFAULT_SEEDS = (0, 1)
 LR_SCALINGS = ("none", "linear", "sqrt")
 
@@ -492,7 +496,8 @@ def plot(summary: list[dict], output_dir) -> list[pathlib.Path]:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         figure.tight_layout()
-        path = pathlib.Path(output_dir) / f"sweep_{task}.png"
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", task).strip("_")  # "gpt2-text (linear)"
+        path = pathlib.Path(output_dir) / f"sweep_{slug}.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
         paths.append(path)
