@@ -1,9 +1,9 @@
-"""A plain, independent re-statement of ActiveLR, written from ALGORITHM.md (not a test).
+"""A plain, independent re-statement of ActiveLR, written from docs/algorithm.md (not a test).
 
 Nothing here imports ``hf_activelr``. Everything is float64 and deliberately naive:
 
 - the base optimizers are written out as their textbook formulas, with the learning rate
-  replaced by the per-element tensor ``lr * gain`` (ALGORITHM.md, step 2; for AdaBound the
+  replaced by the per-element tensor ``lr * gain`` (docs/algorithm.md, step 2; for AdaBound the
   gain multiplies the clipped step);
 - the period boundary is a Python loop over the elements of each parameter, with the
   previous sign kept as a Python value (``None`` while absent).

@@ -25,7 +25,8 @@ def trained(tmp_path_factory):
     ids = torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(0)).tolist()
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
     args = TrainingArguments(
-        str(output), optim="active_adamw", optim_args="fused=false,period=2,lr_high=0.5",
+        str(output), optim="active_adamw",
+        optim_args="fused=false,period=2,lr_high=0.5,significance=1",
         per_device_train_batch_size=4, max_steps=8, logging_steps=2, eval_strategy="steps",
         eval_steps=8, save_steps=8, use_cpu=True, report_to=[], learning_rate=1e-3, seed=0,
     )

@@ -472,7 +472,7 @@ def _train_command(output_dir, *extra):
     return [
         sys.executable, "-m", "hf_activelr.run", str(SCRIPTS / "reliability_train.py"),
         "--output_dir", str(output_dir), "--optim", "active_adamw",
-        "--optim_args", "fused=false,period=3", "--save_steps", "4", "--max_steps", "12",
+        "--optim_args", "fused=false,period=3,significance=1", "--save_steps", "4", "--max_steps", "12",
         "--seed", "0", "--use_cpu", "--report_to", "none", "--per_device_train_batch_size", "2",
         "--learning_rate", "1e-2", "--logging_steps", "1", "--disable_tqdm", "true",
         "--dataloader_num_workers", "0", *extra,
