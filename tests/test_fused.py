@@ -12,6 +12,8 @@ CASES = [
     (hal.ActiveAdamW, dict(amsgrad=True)),
     (hal.ActiveAdamW, dict()),
     (hal.ActiveAdamW, {**hal.preset_kwargs("two_sided"), "period": 3}),
+    # The default preset's significance test (z = 1 so that 3-step sums can count).
+    (hal.ActiveAdamW, {**hal.preset_kwargs("significant"), "period": 3, "significance": 1.0}),
     (hal.ActiveRAdam, dict(weight_decay=0.1, decoupled_weight_decay=True)),
     (hal.ActiveAdaBelief, dict(weight_decay=0.1)),
     (hal.ActiveAdaBelief, dict(rectify=False, amsgrad=True)),
