@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the fixed quality protocol (hf_activelr.protocol): every task, "
                             "both schedules, 3 seeds; writes protocol.md")
     sweep.add_argument("--quick", action="store_true",
-                       help="with --protocol: the ~10-minute subset (1 seed, 3 lrs, linear)")
+                       help="with --protocol: the quick subset (about 5 minutes on 2 cores: "
+                            "1 seed, 3 lrs, linear schedule, the short tasks)")
     sweep.add_argument("--candidates", nargs="+",
                        help="with --protocol: extra optimizer specs to screen, e.g. "
                             "'active_adamw:preset=significant,significance=1.5'")

@@ -1,7 +1,7 @@
 """The quality protocol: one fixed set of runs behind every quality table in README and docs/.
 
     hf-activelr sweep --protocol --output_dir outputs/protocol            # published: 3 seeds
-    hf-activelr sweep --protocol --quick --output_dir outputs/protocol_quick  # ~10 minutes
+    hf-activelr sweep --protocol --quick --output_dir outputs/protocol_quick  # ~5 minutes
 
 Tasks (all offline, :mod:`hf_activelr.sweep_tasks`): ``vit-digits``, ``gpt2-text``,
 ``resnet-digits`` (BatchNorm CNN; bases AdamW and SGD with momentum), ``lora-minilm`` (a LoRA
@@ -62,7 +62,7 @@ class Arm:
 
 
 def arms(quick: bool = False) -> list[Arm]:
-    """The protocol's arms; ``quick``: a subset of about 10 minutes on 2 cores (one seed,
+    """The protocol's arms; ``quick``: a subset of about 5 minutes on 2 cores (one seed,
     three learning rates, the linear schedule, the short tasks)."""
     if quick:
         lrs = (1e-4, 1e-3, 1e-2)
@@ -305,7 +305,8 @@ def headline(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_health(records: list[dict], summary: list[dict], output_dir) -> list[pathlib.Path]:
+def plot_health(records: list[dict], summary: list[dict], output_dir,
+                quick: bool = False) -> list[pathlib.Path]:
     """``protocol_gains_<task>.png``: median real gain and the share at a bound over the run,
     per Active optimizer, at the base's best learning rate (seed 0), linear schedule."""
     import matplotlib
@@ -313,16 +314,20 @@ def plot_health(records: list[dict], summary: list[dict], output_dir) -> list[pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    all_arms = arms(quick)
+    first_seed = min((r["seed"] for r in records), default=0)
     paths = []
     for block in summary:
         if "(linear" not in block["arm"]:
             continue
-        task = block["arm"].split(" ")[0]
-        chosen = [r for r in records if r["task"] == task and r["lr"] == block["best_lr"]
-                  and r.get("schedule") == "linear" and r["seed"] == min(
-                      x["seed"] for x in records) and r.get("gain_health")
-                  and f"batch {r['batch_size']}" not in block["arm"]
-                  and (("sgd" in r["optim"]) == ("sgd" in block["base"]))]
+        chosen = []
+        for record in records:
+            arm = _arm_of(record, all_arms)
+            if (arm is not None and arm.base == block["base"]
+                    and arm.label(record.get("schedule", "constant")) == block["arm"]
+                    and record["lr"] == block["best_lr"] and record["seed"] == first_seed
+                    and record.get("gain_health")):
+                chosen.append(record)
         if not chosen:
             continue
         figure, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 5.5), sharex=True)
@@ -388,5 +393,5 @@ def report(records: list[dict], output_dir, quick: bool = False, command: str = 
     write_json(output_dir / "protocol.json", {"command": command, "summary": summary},
                indent=1)
     sweep.plot(lr_summary, output_dir)
-    plot_health(records, summary, output_dir)
+    plot_health(records, summary, output_dir, quick)
     return text

@@ -331,6 +331,11 @@ def plan(tasks, optimizers, lrs, seeds, batch_sizes=None, lr=1e-3, lr_scaling="n
     return points
 
 
+def _run_path(output_dir: pathlib.Path, point: Point) -> pathlib.Path:
+    """Where the record of ``point`` is stored: one JSON file per run."""
+    return output_dir / "runs" / f"{point.slug}.json"
+
+
 def _stored(point: Point, path: pathlib.Path) -> dict | None:
     """The finished record of ``point`` at ``path``, or None (absent, or its optimizer's
     settings changed since)."""
@@ -345,7 +350,7 @@ def _stored(point: Point, path: pathlib.Path) -> dict | None:
 def finished(points: list[Point], output_dir) -> list[dict]:
     """The records of the ``points`` already finished under ``output_dir``, in order."""
     output_dir = pathlib.Path(output_dir)
-    records = [_stored(point, output_dir / "runs" / f"{point.slug}.json") for point in points]
+    records = [_stored(point, _run_path(output_dir, point)) for point in points]
     return [record for record in records if record is not None]
 
 
@@ -354,7 +359,7 @@ def sweep(points: list[Point], output_dir, jobs: int = 1, threads: int | None = 
     """Run the points not already finished under ``output_dir`` (``jobs`` processes of
     ``threads`` torch threads each) and return every record, in ``points`` order."""
     output_dir = pathlib.Path(output_dir)
-    paths = {point: output_dir / "runs" / f"{point.slug}.json" for point in points}
+    paths = {point: _run_path(output_dir, point) for point in points}
     records: dict[Point, dict] = {}
     todo = []
     for point, path in paths.items():
