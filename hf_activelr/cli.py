@@ -8,7 +8,7 @@ import sys
 
 
 def _list(args) -> int:
-    from . import registry
+    from .integrations import registry
 
     for name in registry.available_optimizers():
         entry = registry.get(name)
@@ -26,7 +26,7 @@ def _run(args) -> int:
 
 
 def _compare(args) -> int:
-    from .compare import compare
+    from .experiments.compare import compare
 
     compare(args.script, args.optims, args.output_dir, args.script_args,
             args.accelerate_config, args.force)
@@ -36,10 +36,10 @@ def _compare(args) -> int:
 def _sweep(args) -> int:
     import sys
 
-    from . import sweep
+    from .experiments import sweep
 
     if args.protocol:
-        from . import protocol
+        from .experiments import protocol
 
         points = protocol.plan(quick=args.quick, seeds=args.protocol_seeds,
                                candidates=args.candidates or (), only_tasks=args.tasks,
@@ -81,7 +81,7 @@ def _sweep(args) -> int:
 
 
 def _card(args) -> int:
-    from .model_card import card_from_checkpoint
+    from .integrations.model_card import card_from_checkpoint
 
     sweep = open(args.sweep_table).read() if args.sweep_table else None
     card, folder = card_from_checkpoint(args.checkpoint_dir, repo_id=args.repo_id,
@@ -93,7 +93,7 @@ def _card(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .sweep import DEFAULT_LRS, DEFAULT_SEEDS
+    from .experiments.sweep import DEFAULT_LRS, DEFAULT_SEEDS
 
     parser = argparse.ArgumentParser(
         prog="hf-activelr", description="ActiveLR optimizers for the Hugging Face Trainer."
@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: CPU cores / jobs)")
     sweep.add_argument("--force", action="store_true", help="redo finished runs")
     sweep.add_argument("--protocol", action="store_true",
-                       help="run the fixed quality protocol (hf_activelr.protocol): every task, "
+                       help="run the fixed quality protocol (hf_activelr.experiments.protocol): "
+                            "every task, "
                             "both schedules, 3 seeds; writes protocol.md")
     sweep.add_argument("--quick", action="store_true",
                        help="with --protocol: the quick subset (about 5 minutes on 2 cores: "

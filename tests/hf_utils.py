@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import hf_activelr  # noqa: F401  (registers the active_* names with transformers)
-from hf_activelr.rule import decode_gain
-from hf_activelr.trainer import unwrap_active
+from hf_activelr.integrations.trainer import unwrap_active
+from hf_activelr.optim.rule import decode_gain
 
 TESTS = Path(__file__).resolve().parent
 SCRIPTS = TESTS / "scripts"

@@ -27,8 +27,8 @@ from hf_activelr import (
     ActiveRAdam,
     ActiveSGD,
 )
-from hf_activelr.presets import preset_kwargs
-from hf_activelr.rule import decode_gain
+from hf_activelr.optim.presets import preset_kwargs
+from hf_activelr.optim.rule import decode_gain
 
 try:  # tests/ may or may not be a package
     from .reference import Reference

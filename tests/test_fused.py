@@ -39,7 +39,7 @@ def _run(cls, kwargs, fused, dtype, steps=24, skip_some=False):
             param.grad = None if skip_some and index == 1 and step % 2 else grad
         optimizer.step()
         scheduler.step()
-    gains = [hal.rule.decode_gain(optimizer.state[p]["gain"]) for p in params]
+    gains = [hal.optim.rule.decode_gain(optimizer.state[p]["gain"]) for p in params]
     return [p.detach().float() for p in params], gains
 
 

@@ -103,6 +103,6 @@ def test_push_to_hub_writes_the_card_before_uploading(trained, monkeypatch):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="trainer_state.json"):
-        from hf_activelr.model_card import card_from_checkpoint
+        from hf_activelr.integrations.model_card import card_from_checkpoint
 
         card_from_checkpoint(tmp_path)

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from hf_activelr import protocol, sweep
-from hf_activelr.sweep_tasks import get_task
+from hf_activelr.experiments import protocol, sweep
+from hf_activelr.experiments.sweep_tasks import get_task
 
 
 def test_published_plan_covers_every_task_schedule_lr_and_seed():

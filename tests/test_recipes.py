@@ -188,7 +188,7 @@ def test_lora_finetune_recipe(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from hf_activelr import offline
+    from hf_activelr.experiments import offline
 
     adapter = tmp_path / "adapter"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {

@@ -35,7 +35,7 @@ from hf_activelr import (
     check_consistent,
     consistency_report,
 )
-from hf_activelr.rule import decode_gain, end_period, init_state
+from hf_activelr.optim.rule import decode_gain, end_period, init_state
 
 TESTS = Path(__file__).resolve().parent
 SCRIPTS = TESTS / "scripts"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import hf_activelr.rule
+import hf_activelr.optim.rule
 from hf_activelr import (
     ActiveAdaBelief,
     ActiveAdaBound,
@@ -19,7 +19,7 @@ from hf_activelr import (
     ActiveRAdam,
     ActiveSGD,
 )
-from hf_activelr.rule import decode_gain
+from hf_activelr.optim.rule import decode_gain
 
 VARIANTS = [ActiveSGD, ActiveAdamW, ActiveRAdam, ActiveAdaBelief, ActiveAdaBound]
 ALL = VARIANTS + ["ActiveLR"]
@@ -393,13 +393,13 @@ def test_gain_stats_values(cls):
 @all_optimizers
 def test_gain_stats_is_cached_between_boundaries(cls, monkeypatch):
     calls = []
-    original = hf_activelr.rule.gain_summary
+    original = hf_activelr.optim.rule.gain_summary
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(hf_activelr.rule, "gain_summary", counting)
+    monkeypatch.setattr(hf_activelr.optim.rule, "gain_summary", counting)
     params = make_params()
     opt = build(cls, params, period=3)
     for t in range(1, 4):  # up to the first boundary
@@ -734,7 +734,7 @@ def test_sums_follow_the_groups_storage_on_load():
 def test_gain_multipliers_follow_every_change_of_the_gains():
     """The eager paths' shortcut (no multiply while every gain reads 1; abs once all are set)
     notices boundaries, loads and in-place edits through the tensor's version counter."""
-    multipliers = hf_activelr.rule.GainMultipliers()
+    multipliers = hf_activelr.optim.rule.GainMultipliers()
     gain = torch.zeros(4)
     assert multipliers([gain]) == [None] and multipliers.reads_one(gain)
     gain[1] = -0.5  # one set, three unset: the full decoding

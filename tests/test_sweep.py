@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from hf_activelr import sweep
-from hf_activelr.sweep_tasks import SweepTask, available_tasks, get_task, register_task
+from hf_activelr.experiments import sweep
+from hf_activelr.experiments.sweep_tasks import SweepTask, available_tasks, get_task, register_task
 
 
 def test_plan_learning_rates_and_batch_sizes():
@@ -140,7 +140,7 @@ def test_cli_sweep_is_resumable_and_writes_reports(tmp_path):
     assert "4 of 6 runs already done" in again.stdout and "[2/2]" in again.stdout
     assert len(json.loads((out / "sweep.json").read_text())["runs"]) == 6
     # Changing what a name stands for (here: its preset's gain_init) redoes its runs only.
-    from hf_activelr import registry
+    from hf_activelr.integrations import registry
 
     entry = registry.get("active_adamw")
     stored = json.loads(next((out / "runs" / "vit-digits" / "active_adamw").glob("*.json"))

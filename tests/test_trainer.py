@@ -38,8 +38,8 @@ from hf_utils import (
 from transformers import Trainer, TrainingArguments
 
 import hf_activelr
-from hf_activelr import ActivePeriodCallback, ActiveTrainer, registry
-from hf_activelr.integrations import transformers_patch
+from hf_activelr import ActivePeriodCallback, ActiveTrainer
+from hf_activelr.integrations import registry, transformers_patch
 from hf_activelr.optim import ActiveAdaBelief, ActiveAdaBound, ActiveAdamW, ActiveRAdam, ActiveSGD
 
 BUILT_IN = {
@@ -565,7 +565,7 @@ def test_model_compiled_by_hand_with_active_trainer(tmp_path):
 def test_fused_step_through_the_trainer_trains_like_the_single_tensor_step(tmp_path):
     """On CPU the Trainer names default to the multi-tensor step (compiled kernels' OpenMP
     threads compete with torch's); ``fused=true`` in optim_args runs the compiled step."""
-    from hf_activelr import _fused
+    from hf_activelr.optim import _fused
     from hf_activelr.optim.adamw import adamw_delta
 
     assert transformers_patch.fused_available("cpu") is False

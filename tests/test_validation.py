@@ -16,7 +16,7 @@ from hf_activelr import (
     ActiveRAdam,
     ActiveSGD,
 )
-from hf_activelr._validation import ACTIVE_GROUP_KEYS
+from hf_activelr.optim.config import OPTION_NAMES as ACTIVE_GROUP_KEYS
 
 VARIANTS = [ActiveSGD, ActiveAdamW, ActiveRAdam, ActiveAdaBelief, ActiveAdaBound]
 VARIANT_IDS = [cls.__name__ for cls in VARIANTS]

@@ -1,20 +1,32 @@
 """The one place that touches transformers internals: its optimizer-name enum, its optimizer
 handler table and its default callbacks. Tested for the supported range (pyproject pins it);
-``install()`` raises a clear error when an upgrade moves any of them.
+a moved or retyped internal is a clear error (a warning at import time).
 
-After ``install()`` (run by ``import hf_activelr``), every registered name is a valid
-``TrainingArguments(optim=...)`` and ``--optim`` choice, and the *stock* ``Trainer`` builds it.
+``import hf_activelr`` calls :func:`install_on_import`: the three transformers modules involved
+are patched as soon as they are imported (at once if they already are), so that every
+registered name is a valid ``TrainingArguments(optim=...)`` and ``--optim`` choice and the
+*stock* ``Trainer`` builds it, while ``import hf_activelr`` itself does not import
+transformers (about 5 s with peft and accelerate; see README "Layout"). :func:`install`
+imports them and patches at once.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import inspect
+import sys
+import warnings
+
 import torch
 
-from .. import registry
-from .._validation import EPOCH
+from ..optim._validation import EPOCH
+from . import registry
 
 SUPPORTED = "transformers>=5.0,<6"
 _INSTALLED = False
+_TRAINING_ARGS = "transformers.training_args"
+_TRAINER_OPTIMIZER = "transformers.trainer_optimizer"
+_TRAINER = "transformers.trainer"
 
 
 class IntegrationError(RuntimeError):
@@ -86,10 +98,10 @@ def optimizer_kwargs(args, options: dict[str, str]) -> tuple[type, dict]:
     """The class and keyword arguments for ``args.optim`` (a registered name), built from the
     usual TrainingArguments and ``optim_args``: learning_rate, adam_beta1/2, adam_epsilon;
     weight decay comes per group from the Trainer's decay / no-decay grouping."""
-    import inspect
-
     entry = registry.get(args.optim)
-    accepted = inspect.signature(entry.optimizer_cls).parameters
+    accepted = entry.accepted_options()
+    accepted = {"betas", "eps"} & set(inspect.signature(entry.optimizer_cls).parameters) | set(
+        accepted)
     kwargs = {"lr": args.learning_rate}
     if "betas" in accepted:
         kwargs["betas"] = (args.adam_beta1, args.adam_beta2)
@@ -109,22 +121,142 @@ def _handler(context):
     return optimizer_kwargs(context.args, context.optim_args)
 
 
+def _check(checks) -> None:
+    """Raise IntegrationError naming every internal that ``checks`` (label, present) misses."""
+    import transformers
+
+    missing = [label for label, present in checks if not present]
+    if missing:
+        raise IntegrationError(
+            f"transformers {transformers.__version__} lacks {', '.join(missing)}, which "
+            f"hf_activelr's Trainer integration uses (supported: {SUPPORTED}). Pin transformers "
+            "to the supported range or upgrade hf-activelr; the optimizers themselves still "
+            "work when passed to Trainer(optimizers=(optimizer, None))."
+        )
+
+
+def _patch_names(training_args) -> None:
+    """Every registered name becomes an ``OptimizerNames`` member."""
+    names = getattr(training_args, "OptimizerNames", None)
+    _check([
+        ("OptimizerNames", names is not None),
+        ("OptimizerNames._value2member_map_",
+         isinstance(getattr(names, "_value2member_map_", None), dict)),
+    ])
+    for name in registry.available_optimizers():
+        _add_enum_member(names, name)
+
+
+def _patch_handlers(trainer_optimizer) -> None:
+    """Every registered name gets the handler that builds it."""
+    _check([
+        ("transformers.trainer_optimizer._OPTIMIZER_HANDLERS",
+         isinstance(getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None), dict)),
+        ("transformers.trainer_optimizer.OptimizerContext",
+         hasattr(trainer_optimizer, "OptimizerContext")),
+    ])
+    training_args = sys.modules[_TRAINING_ARGS]  # trainer_optimizer imports it
+    _patch_names(training_args)
+    for name in registry.available_optimizers():
+        member = training_args.OptimizerNames(name)
+        trainer_optimizer._OPTIMIZER_HANDLERS[member] = _handler
+
+
+def _patch_callbacks(trainer_module) -> None:
+    """Every Trainer sets ``period="epoch"`` at train start."""
+    _check([
+        ("transformers.trainer.DEFAULT_CALLBACKS",
+         isinstance(getattr(trainer_module, "DEFAULT_CALLBACKS", None), list)),
+    ])
+    from .callbacks import ActivePeriodCallback
+
+    if ActivePeriodCallback not in trainer_module.DEFAULT_CALLBACKS:
+        trainer_module.DEFAULT_CALLBACKS.append(ActivePeriodCallback)
+
+
+_PATCHES = {_TRAINING_ARGS: _patch_names, _TRAINER_OPTIMIZER: _patch_handlers,
+            _TRAINER: _patch_callbacks}
+
+
 def _on_register(entry) -> None:
-    _, trainer_optimizer, OptimizerNames = _internals()
-    _add_enum_member(OptimizerNames, entry.name)
-    trainer_optimizer._OPTIMIZER_HANDLERS[OptimizerNames(entry.name)] = _handler
+    """A name registered after transformers was imported: add it where it is loaded."""
+    for module_name in (_TRAINING_ARGS, _TRAINER_OPTIMIZER):
+        module = sys.modules.get(module_name)
+        if module is not None:
+            _PATCHES[module_name](module)
+
+
+def _listen() -> None:
+    global _INSTALLED
+    if not _INSTALLED:
+        registry._LISTENERS.append(_on_register)
+        _INSTALLED = True
 
 
 def install() -> None:
-    """Make every registered name a Trainer optimizer and add the epoch-period callback."""
-    global _INSTALLED
-    trainer_module, _, _ = _internals()
-    for name in registry.available_optimizers():
-        _on_register(registry.get(name))
-    if not _INSTALLED:
-        from ..trainer import ActivePeriodCallback
+    """Import the transformers modules involved and make every registered name a Trainer
+    optimizer, with the epoch-period callback; raises IntegrationError if they moved."""
+    modules = _internals()  # (trainer, trainer_optimizer, OptimizerNames): checks all at once
+    _patch_names(sys.modules[_TRAINING_ARGS])
+    _patch_handlers(modules[1])
+    _patch_callbacks(modules[0])
+    _listen()
 
-        if ActivePeriodCallback not in trainer_module.DEFAULT_CALLBACKS:
-            trainer_module.DEFAULT_CALLBACKS.append(ActivePeriodCallback)
-        registry._LISTENERS.append(_on_register)
-        _INSTALLED = True
+
+def _patch_warning(module_name: str, module) -> None:
+    try:
+        _PATCHES[module_name](module)
+    except IntegrationError as error:
+        warnings.warn(str(error), stacklevel=2)
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: for the three modules above it asks the other finders for the
+    spec and patches the module right after the module has run. Removes itself once all are
+    patched."""
+
+    def __init__(self, pending):
+        self.pending = set(pending)
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in self.pending:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return None
+        run_module = loader.exec_module
+
+        def exec_module(module):
+            run_module(module)
+            self.pending.discard(fullname)
+            if not self.pending and self in sys.meta_path:
+                sys.meta_path.remove(self)
+            _patch_warning(fullname, module)
+
+        # A file finder makes a new loader per spec: setting it on this one touches no other.
+        loader.exec_module = exec_module
+        return spec
+
+
+def install_on_import() -> None:
+    """Patch the transformers modules now where imported, and as soon as they are otherwise
+    (``import hf_activelr`` runs this). A moved internal is a warning, not an error: the
+    optimizers work without the Trainer names."""
+    _listen()
+    pending = []
+    for module_name in _PATCHES:
+        module = sys.modules.get(module_name)
+        if module is None:
+            pending.append(module_name)
+        else:
+            _patch_warning(module_name, module)
+    if pending and not any(isinstance(f, _PatchAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchAfterImport(pending))

@@ -1,17 +1,36 @@
-"""The Active variants: one class per base optimizer, all built on :class:`ActiveOptimizer`."""
+"""The optimizers: the ActiveLR rule, its options, its presets, the Active variants, the
+wrapper for any torch optimizer, and the cross-rank consistency check. Imports torch only.
 
+- :mod:`.config`: :class:`ActiveConfig` (the options) and the ``key=value`` parser;
+- :mod:`.rule`: the rule (state, period boundary, gains), shared by every variant;
+- :mod:`.base` and one module per variant: the class validates and gathers, a pure ``*_delta``
+  function computes the base update (single-tensor, foreach and fused paths side by side);
+- :mod:`.wrapper`: :class:`ActiveLR` around any constructed torch optimizer;
+- :mod:`.presets`: named settings (the paper's, the default ``significant``);
+- :mod:`.distributed`: are the states the same on every rank?
+"""
+
+from ._mixin import unwrap_active
 from .adabelief import ActiveAdaBelief
 from .adabound import ActiveAdaBound
 from .adamw import ActiveAdamW
 from .base import ActiveOptimizer
+from .config import ActiveConfig
+from .distributed import check_consistent, consistency_report
 from .radam import ActiveRAdam
 from .sgd import ActiveSGD
+from .wrapper import ActiveLR
 
 __all__ = [
     "ActiveAdaBelief",
     "ActiveAdaBound",
     "ActiveAdamW",
+    "ActiveConfig",
+    "ActiveLR",
     "ActiveOptimizer",
     "ActiveRAdam",
     "ActiveSGD",
+    "check_consistent",
+    "consistency_report",
+    "unwrap_active",
 ]

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .._validation import check_betas, check_bool, check_real
+from ._validation import check_betas, check_bool, check_real
 from .base import ActiveOptimizer, new_step_counter
 
 
@@ -78,6 +78,7 @@ class ActiveAdaBelief(ActiveOptimizer):
     ``print_change_log`` is accepted for drop-in use and prints nothing.
     """
 
+    paper_options = {"lr_high": 0.05, "lr_low": 0.95}
     _base_state_key = "exp_avg"
     _base_state_keys = frozenset({"step", "exp_avg", "exp_avg_var", "max_exp_avg_var"})
 
@@ -85,10 +86,7 @@ class ActiveAdaBelief(ActiveOptimizer):
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-16, weight_decay=0.0, amsgrad=False,
         weight_decouple=True, fixed_decay=False, rectify=True, degenerated_to_sgd=True,
         print_change_log=False,
-        *, lr_high=0.05, lr_low=0.95, period=None, gain_min=None, gain_max=None,
-        gain_increase="additive", gain_init=1.0, grad_sum_dtype=None, significance=None,
-        zero_sum="hold",
-        foreach=None, fused=None,
+        *, config=None, foreach=None, fused=None, **options,
     ):
         check_bool("print_change_log", print_change_log)
         defaults = dict(
@@ -96,12 +94,8 @@ class ActiveAdaBelief(ActiveOptimizer):
             weight_decouple=weight_decouple, fixed_decay=fixed_decay, rectify=rectify,
             degenerated_to_sgd=degenerated_to_sgd,
         )
-        super().__init__(
-            params, defaults, lr_high=lr_high, lr_low=lr_low, period=period, gain_min=gain_min,
-            gain_max=gain_max, gain_increase=gain_increase, gain_init=gain_init, zero_sum=zero_sum,
-            grad_sum_dtype=grad_sum_dtype, significance=significance, foreach=foreach,
-            fused=fused,
-        )
+        super().__init__(params, defaults, config=config, foreach=foreach, fused=fused,
+                         **options)
 
     def _check_group(self, group):
         check_real("lr", group["lr"], low=0.0)

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .._validation import check_betas, check_bool, check_real
+from ._validation import check_betas, check_bool, check_real
 from .base import ActiveOptimizer, new_step_counter
 
 
@@ -52,21 +52,14 @@ class ActiveAdaBound(ActiveOptimizer):
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), final_lr=0.1, gamma=1e-3, eps=1e-8,
         weight_decay=0.0, amsbound=False,
-        *, lr_high, lr_low, period=None, gain_min=None, gain_max=None,
-        gain_increase="additive", gain_init=1.0, grad_sum_dtype=None, significance=None,
-        zero_sum="hold",
-        foreach=None, fused=None,
+        *, config=None, foreach=None, fused=None, **options,
     ):
         defaults = dict(
             lr=lr, betas=betas, final_lr=final_lr, gamma=gamma, eps=eps,
             weight_decay=weight_decay, amsbound=amsbound,
         )
-        super().__init__(
-            params, defaults, lr_high=lr_high, lr_low=lr_low, period=period, gain_min=gain_min,
-            gain_max=gain_max, gain_increase=gain_increase, gain_init=gain_init, zero_sum=zero_sum,
-            grad_sum_dtype=grad_sum_dtype, significance=significance, foreach=foreach,
-            fused=fused,
-        )
+        super().__init__(params, defaults, config=config, foreach=foreach, fused=fused,
+                         **options)
 
     def _check_group(self, group):
         check_real("lr", group["lr"], low=0.0, low_open=True)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .._validation import check_betas, check_bool, check_real
+from ._validation import check_betas, check_bool, check_real
 from .base import ActiveOptimizer, new_step_counter
 
 
@@ -33,29 +33,23 @@ class ActiveAdamW(ActiveOptimizer):
     lr_low=0.5`` are the authors' ActiveAdam settings. ``period``: optimizer steps between
     gain updates (the paper: one epoch). State: torch AdamW's keys plus ``gain`` and
     ``grad_sum`` (16 bytes per fp32 parameter; 14 with ``grad_sum_dtype="bfloat16"``). See
-    :mod:`hf_activelr.rule`. The Trainer name
+    :mod:`hf_activelr.optim.rule`. The Trainer name
     ``active_adamw`` uses the noise-robust preset (``**preset_kwargs("significant")`` here,
-    which adds ``grad_sq_sum``: 20 bytes per parameter; see :mod:`hf_activelr.presets`),
+    which adds ``grad_sq_sum``: 20 bytes per parameter; see :mod:`hf_activelr.optim.presets`),
     ``active_adamw_paper`` these defaults.
     """
 
+    paper_options = {"lr_high": 2.0, "lr_low": 0.5}
     _base_state_key = "exp_avg"
     _base_state_keys = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
 
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-        *, lr_high=2.0, lr_low=0.5, period=None, gain_min=None, gain_max=None,
-        gain_increase="additive", gain_init=1.0, grad_sum_dtype=None, significance=None,
-        zero_sum="hold",
-        foreach=None, fused=None,
+        *, config=None, foreach=None, fused=None, **options,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
-        super().__init__(
-            params, defaults, lr_high=lr_high, lr_low=lr_low, period=period, gain_min=gain_min,
-            gain_max=gain_max, gain_increase=gain_increase, gain_init=gain_init, zero_sum=zero_sum,
-            grad_sum_dtype=grad_sum_dtype, significance=significance, foreach=foreach,
-            fused=fused,
-        )
+        super().__init__(params, defaults, config=config, foreach=foreach, fused=fused,
+                         **options)
 
     def _check_group(self, group):
         check_real("lr", group["lr"], low=0.0)

@@ -1,7 +1,7 @@
 """`ActiveOptimizer`: the class every Active variant derives from.
 
 It validates and holds state, keeps the period clock, and runs the ActiveLR rule
-(:mod:`hf_activelr.rule`) around the variant's base update. A variant supplies:
+(:mod:`hf_activelr.optim.rule`) around the variant's base update. A variant supplies:
 
 - ``_check_group(group)``: validation of its own hyperparameters;
 - ``_init_base_state(param, state, group)``: the base optimizer's state, same keys as torch's;
@@ -18,10 +18,11 @@ from collections import defaultdict
 import torch
 from torch.optim import Optimizer
 
-from .. import rule
-from .._fused import fused_chunks, fused_step
-from .._mixin import ActiveMixin
-from .._validation import check_active_args, check_bool
+from . import rule
+from ._fused import fused_chunks, fused_step
+from ._mixin import ActiveMixin
+from ._validation import check_bool
+from .config import ActiveConfig
 
 
 def _scalar_dtype():
@@ -39,28 +40,18 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
     _base_state_key: str | None = None  # a key that marks the base state as initialised
     _step_scalars: tuple = ()  # scalars of _delta that change from step to step
 
-    def __init__(
-        self,
-        params,
-        defaults: dict,
-        *,
-        lr_high,
-        lr_low,
-        period,
-        gain_min=None,
-        gain_max=None,
-        gain_increase="additive",
-        gain_init=1.0,
-        grad_sum_dtype=None,
-        significance=None,
-        zero_sum="hold",
-        foreach=None,
-        fused=None,
-    ):
-        active = check_active_args(
-            lr_high, lr_low, period, gain_min, gain_max, zero_sum, gain_increase, gain_init,
-            grad_sum_dtype, significance,
-        )
+    #: The paper's ``lr_high`` / ``lr_low`` for this variant, where the authors published them
+    #: (the class's defaults); empty: the caller must give them (or a preset).
+    paper_options: dict = {}
+
+    def __init__(self, params, defaults: dict, *, config: ActiveConfig | None = None,
+                 foreach=None, fused=None, **options):
+        """``config`` and ``options`` (keyword arguments, which win over ``config``) are the
+        ActiveLR options: see :class:`~hf_activelr.optim.config.ActiveConfig`."""
+        if config is not None and not isinstance(config, ActiveConfig):
+            raise TypeError(f"config must be an ActiveConfig, got {type(config).__name__}")
+        base = config.group_values() if config is not None else dict(self.paper_options)
+        active = ActiveConfig.from_options(options, base).group_values()
         if foreach is not None:
             check_bool("foreach", foreach)
         if fused is not None:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .._validation import check_betas, check_bool, check_real
+from ._validation import check_betas, check_bool, check_real
 from .base import ActiveOptimizer, new_step_counter
 
 
@@ -47,30 +47,24 @@ class ActiveRAdam(ActiveOptimizer):
     """RAdam whose every element's learning rate is ``lr * gain`` (ActiveLR).
 
     With ``lr_high=0, lr_low=1`` it is ``torch.optim.RAdam``. Defaults ``lr_high=0.05,
-    lr_low=0.95`` are the authors' ActiveRAdam settings. See :mod:`hf_activelr.rule`.
+    lr_low=0.95`` are the authors' ActiveRAdam settings. See :mod:`hf_activelr.optim.rule`.
     """
 
+    paper_options = {"lr_high": 0.05, "lr_low": 0.95}
     _base_state_key = "exp_avg"
     _base_state_keys = frozenset({"step", "exp_avg", "exp_avg_sq"})
 
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
         decoupled_weight_decay=False,
-        *, lr_high=0.05, lr_low=0.95, period=None, gain_min=None, gain_max=None,
-        gain_increase="additive", gain_init=1.0, grad_sum_dtype=None, significance=None,
-        zero_sum="hold",
-        foreach=None, fused=None,
+        *, config=None, foreach=None, fused=None, **options,
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        super().__init__(
-            params, defaults, lr_high=lr_high, lr_low=lr_low, period=period, gain_min=gain_min,
-            gain_max=gain_max, gain_increase=gain_increase, gain_init=gain_init, zero_sum=zero_sum,
-            grad_sum_dtype=grad_sum_dtype, significance=significance, foreach=foreach,
-            fused=fused,
-        )
+        super().__init__(params, defaults, config=config, foreach=foreach, fused=fused,
+                         **options)
 
     def _check_group(self, group):
         check_real("lr", group["lr"], low=0.0)

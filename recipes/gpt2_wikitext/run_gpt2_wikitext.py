@@ -3,8 +3,9 @@
 
 Online:  --model_name_or_path gpt2 --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1
 Offline (default, nothing downloaded): a small GPT-2 config trained from scratch on English text
-that ships with Python (hf_activelr.offline.python_docs_corpus) with a byte-level BPE tokenizer
-trained on it. If the Hub cannot be reached, the online names fall back to this, with a warning.
+that ships with Python (hf_activelr.experiments.offline.python_docs_corpus) with a byte-level
+BPE tokenizer trained on it. If the Hub cannot be reached, the online names fall back to this,
+with a warning.
 
     accelerate launch --config_file recipes/accelerate_configs/cpu.yaml \
         recipes/gpt2_wikitext/run_gpt2_wikitext.py --output_dir out/gpt2 --optim active_adamw
@@ -36,7 +37,7 @@ from transformers import (
 )
 
 import hf_activelr
-from hf_activelr import offline, reporting
+from hf_activelr.experiments import offline, reporting
 
 logger = logging.getLogger("gpt2_wikitext")
 

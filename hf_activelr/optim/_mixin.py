@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from . import rule
-from ._validation import EPOCH, check_active_args, check_period, check_significance_reachable
+from ._validation import EPOCH, check_period, check_significance_reachable
+from .config import OPTION_NAMES, ActiveConfig
 
 # Group settings added after the first release, with the values that reproduce the rule a
 # state saved without them ran (the paper's additive increase, gains from 1).
@@ -22,13 +23,8 @@ class ActiveMixin:
     @staticmethod
     def _init_active_group(group: dict) -> None:
         """Validate a group's ActiveLR settings and start its period clock."""
-        checked = check_active_args(
-            group["lr_high"], group["lr_low"], group["period"],
-            group["gain_min"], group["gain_max"], group["zero_sum"],
-            group["gain_increase"], group["gain_init"], group["grad_sum_dtype"],
-            group["significance"],
-        )
-        group["grad_sum_dtype"] = checked["grad_sum_dtype"]  # torch.bfloat16 -> "bfloat16"
+        checked = ActiveConfig.from_options({key: group[key] for key in OPTION_NAMES})
+        group.update(checked.group_values())  # normalised: torch.bfloat16 -> "bfloat16", ...
         for param in group["params"]:
             if param.is_complex():
                 raise TypeError("ActiveLR does not support complex parameters")
@@ -212,3 +208,12 @@ class ActiveMixin:
                     if running is not None and running.dtype != dtype:
                         self.state[param][key] = running.to(dtype)
         self._gain_stats_cache = None
+
+
+def unwrap_active(optimizer):
+    """The Active optimizer inside Accelerate's (or another) wrapper, or None."""
+    seen = 0
+    while optimizer is not None and not isinstance(optimizer, ActiveMixin) and seen < 8:
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return optimizer if isinstance(optimizer, ActiveMixin) else None

@@ -3,7 +3,7 @@
     hf-activelr sweep --protocol --output_dir outputs/protocol            # published: 3 seeds
     hf-activelr sweep --protocol --quick --output_dir outputs/protocol_quick  # ~5 minutes
 
-Tasks (all offline, :mod:`hf_activelr.sweep_tasks`): ``vit-digits``, ``gpt2-text``,
+Tasks (all offline, :mod:`hf_activelr.experiments.sweep_tasks`): ``vit-digits``, ``gpt2-text``,
 ``resnet-digits`` (BatchNorm CNN; bases AdamW and SGD with momentum), ``lora-minilm`` (a LoRA
 fine-tune of a real pretrained model, a few hundred steps), ``gpt2-long`` (3200 steps), and
 ``gpt2-text`` / ``vit-digits`` at batch 512. Schedules: transformers' default linear decay
@@ -11,7 +11,7 @@ fine-tune of a real pretrained model, a few hundred steps), ``gpt2-long`` (3200 
 1e-4 ... 1 for SGD. The base of each task is the optimizer the Active ones are measured
 against: ``adamw_torch`` or ``sgd_momentum``.
 
-Runs are ordinary sweep points (:mod:`hf_activelr.sweep`), stored one file each, so the
+Runs are ordinary sweep points (:mod:`hf_activelr.experiments.sweep`), stored one file each, so the
 protocol resumes where it stopped, and a run is redone only when the settings behind its
 optimizer name change. :func:`report` turns the records into ``protocol.md``: per task and
 schedule, the base's best learning rate and every optimizer's loss there (with the base's seed

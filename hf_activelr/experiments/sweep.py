@@ -4,12 +4,12 @@
     hf-activelr sweep --tasks vit-digits --batch-sizes 16 64 256 1024 --lr 1e-3 --lr-scaling sqrt
 
 Each point (task, optimizer, learning rate, batch size, seed) is one training run of a small
-offline task (:mod:`hf_activelr.sweep_tasks`) with the Hugging Face Trainer, a constant learning
-rate and the final eval loss as the result. Finished runs are stored one JSON file each under
-``OUTPUT_DIR/runs/`` and never redone, so an interrupted sweep resumes where it stopped. The
-sweep writes ``sweep.json`` (every run and the summary), ``sweep.md`` (per task and optimizer:
-the loss at every point, best, worst, spread) and ``sweep_<task>.png`` (loss against LR or batch
-size, one line per optimizer, the band spanning the seeds).
+offline task (:mod:`hf_activelr.experiments.sweep_tasks`) with the Hugging Face Trainer, a
+constant learning rate and the final eval loss as the result. Finished runs are stored one
+JSON file each under ``OUTPUT_DIR/runs/`` and never redone, so an interrupted sweep resumes
+where it stopped. The sweep writes ``sweep.json`` (every run and the summary), ``sweep.md``
+(per task and optimizer: the loss at every point, best, worst, spread) and ``sweep_<task>.png``
+(loss against LR or batch size, one line per optimizer, the band spanning the seeds).
 
 Optimizers are given as Trainer names (``active_adamw``, ``adamw_torch``,
 ``schedule_free_adamw``...) or peers with no Trainer name (``prodigy``, ``dadapt_adam``), with
@@ -105,7 +105,7 @@ def check_optimizer(spec: str) -> None:
     """Fail before any training when a name is unknown or a peer is not installed."""
     from transformers.training_args import OptimizerNames
 
-    from . import registry
+    from ..integrations import registry
 
     name, options = split_optim(spec)
     if name in PEERS:
@@ -133,7 +133,7 @@ def check_optimizer(spec: str) -> None:
 def resolved_settings(spec: str) -> dict | None:
     """The ActiveLR keyword arguments ``spec`` stands for (its name's preset plus its options),
     stored with each run: a finished run is redone when they change (e.g. a new preset)."""
-    from . import registry
+    from ..integrations import registry
 
     name, _ = split_optim(spec)
     if name not in registry.available_optimizers():
@@ -175,8 +175,8 @@ def gain_health(optimizer) -> dict | None:
     ``gain_max`` (each group's bounds), or None for an optimizer without gains."""
     import torch
 
-    from . import rule
-    from .trainer import unwrap_active
+    from ..optim import rule
+    from ..optim._mixin import unwrap_active
 
     active = unwrap_active(optimizer)
     if active is None:
@@ -231,8 +231,9 @@ def run_point(point: Point) -> dict:
 
     import hf_activelr  # noqa: F401  (registers the Trainer names)
 
+    from ..integrations.trainer import ActiveTrainer
+    from ..optim._mixin import unwrap_active
     from .sweep_tasks import get_task
-    from .trainer import ActiveTrainer, unwrap_active
 
     task = get_task(point.task)
     if point.task not in _DATA_CACHE:

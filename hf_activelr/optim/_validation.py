@@ -1,4 +1,5 @@
-"""Argument checks shared by every optimizer: clear errors, nothing silently corrected."""
+"""Argument checks shared by every optimizer: clear errors, nothing silently corrected. The
+ActiveLR options themselves are checked by :class:`hf_activelr.optim.config.ActiveConfig`."""
 
 from __future__ import annotations
 
@@ -51,17 +52,10 @@ def check_bool(name: str, value):
 
 
 EPOCH = "epoch"
-ZERO_SUM_POLICIES = ("hold", "flip")  # see hf_activelr.rule
-GAIN_INCREASES = ("additive", "multiplicative")  # see hf_activelr.rule
+ZERO_SUM_POLICIES = ("hold", "flip")  # see hf_activelr.optim.rule
+GAIN_INCREASES = ("additive", "multiplicative")  # see hf_activelr.optim.rule
 #: Storage dtypes of the running sum besides the default (the gains' dtype): see rule.
 GRAD_SUM_DTYPES = ("bfloat16",)
-#: The ActiveLR settings every param group carries.
-ACTIVE_GROUP_KEYS = (
-    "lr_high", "lr_low", "period", "gain_min", "gain_max", "zero_sum", "gain_increase",
-    "gain_init", "grad_sum_dtype", "significance",
-)
-
-
 def check_period(period, allow_epoch: bool = True):
     """A positive int, or ``"epoch"``: one epoch of optimizer updates, which the training loop
     (``ActiveTrainer``, or the stock Trainer once hf_activelr is imported) sets at train start."""
@@ -106,42 +100,3 @@ def check_grad_sum_dtype(grad_sum_dtype):
             f"parameters) or one of {GRAD_SUM_DTYPES}, got {grad_sum_dtype!r}"
         )
     return name
-
-
-def check_active_args(
-    lr_high, lr_low, period, gain_min=None, gain_max=None, zero_sum="hold",
-    gain_increase="additive", gain_init=1.0, grad_sum_dtype=None, significance=None,
-):
-    """Validate the ActiveLR hyperparameters; returns them as a dict for a param group."""
-    check_real("lr_high", lr_high, low=0.0)
-    check_real("lr_low", lr_low, low=0.0, high=1.0, low_open=True)
-    period = check_period(period)
-    if gain_min is not None:
-        check_real("gain_min", gain_min, low=0.0, high=1.0, low_open=True)
-    if gain_max is not None:
-        check_real("gain_max", gain_max, low=1.0)
-    if zero_sum not in ZERO_SUM_POLICIES:
-        raise ValueError(f"zero_sum must be one of {ZERO_SUM_POLICIES}, got {zero_sum!r}")
-    if gain_increase not in GAIN_INCREASES:
-        raise ValueError(f"gain_increase must be one of {GAIN_INCREASES}, got {gain_increase!r}")
-    check_real("gain_init", gain_init, low=0.0, low_open=True)
-    if significance is not None:
-        check_real("significance", significance, low=0.0, low_open=True)
-        if period != EPOCH:
-            check_significance_reachable(significance, period)
-    if gain_min is not None and gain_init < gain_min:
-        raise ValueError(f"gain_init must be >= gain_min ({gain_min}), got {gain_init}")
-    if gain_max is not None and gain_init > gain_max:
-        raise ValueError(f"gain_init must be <= gain_max ({gain_max}), got {gain_init}")
-    return {
-        "lr_high": float(lr_high),
-        "lr_low": float(lr_low),
-        "period": period,
-        "gain_min": None if gain_min is None else float(gain_min),
-        "gain_max": None if gain_max is None else float(gain_max),
-        "zero_sum": zero_sum,
-        "gain_increase": gain_increase,
-        "gain_init": float(gain_init),
-        "grad_sum_dtype": check_grad_sum_dtype(grad_sum_dtype),
-        "significance": None if significance is None else float(significance),
-    }

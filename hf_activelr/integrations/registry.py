@@ -12,15 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .optim import ActiveAdaBelief, ActiveAdaBound, ActiveAdamW, ActiveRAdam, ActiveSGD
-from .presets import DEFAULT_PRESET, PAPER_FALLBACK, preset_kwargs
+from ..optim import ActiveAdaBelief, ActiveAdaBound, ActiveAdamW, ActiveRAdam, ActiveSGD
+from ..optim._mixin import ActiveMixin
+from ..optim.config import OPTION_TYPES, parse_value
+from ..optim.presets import DEFAULT_PRESET, PAPER_FALLBACK, preset_kwargs
 
-# Types of ActiveLR keyword arguments whose defaults (None) do not tell.
-ACTIVE_OPTION_TYPES = {
-    "lr_high": float, "lr_low": float, "period": int, "gain_min": float, "gain_max": float,
-    "zero_sum": str, "gain_increase": str, "gain_init": float, "grad_sum_dtype": str,
-    "significance": float, "fused": bool, "foreach": bool,
-}
+# The Active classes' path switches, whose defaults (None) do not tell their type.
+PATH_OPTION_TYPES = {"fused": bool, "foreach": bool}
 # Arguments the Trainer fills in from TrainingArguments; optim_args may not repeat them.
 TRAINER_ARGUMENTS = ("params", "lr", "betas", "eps", "weight_decay")
 
@@ -43,17 +41,19 @@ class RegisteredOptimizer:
         fills in), with the type their string value is parsed to."""
         options = {}
         for name, parameter in inspect.signature(self.optimizer_cls).parameters.items():
-            if name in TRAINER_ARGUMENTS or parameter.kind in (
+            if name in (*TRAINER_ARGUMENTS, "config") or parameter.kind in (
                 parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD
             ):
                 continue
             default = parameter.default
-            if name in ACTIVE_OPTION_TYPES:
-                options[name] = ACTIVE_OPTION_TYPES[name]
+            if name in PATH_OPTION_TYPES:
+                options[name] = PATH_OPTION_TYPES[name]
             elif isinstance(default, (bool, int, float, str)):
                 options[name] = type(default)
             else:
                 options[name] = float
+        if issubclass(self.optimizer_cls, ActiveMixin):
+            options.update(OPTION_TYPES)  # the ActiveLR options: ActiveConfig's
         return options
 
 
@@ -123,22 +123,10 @@ def parse_options(entry: RegisteredOptimizer, options: dict[str, str]) -> dict:
 
 
 def _parse_value(key: str, text, kind: type):
-    if not isinstance(text, str):
-        return text
-    if text.lower() == "none":
-        return None
-    if kind is bool:
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
-        raise ValueError(f"optim_args {key}={text!r}: expected true or false")
-    if key == "period" and text == "epoch":
-        return text
     try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"optim_args {key}={text!r}: expected a {kind.__name__}") from None
+        return parse_value(key, text, kind)
+    except ValueError as error:
+        raise ValueError(f"optim_args {error}") from None
 
 
 # Built-in names. ``active_sgd`` and ``active_adamw`` use the default preset (significant,

@@ -3,55 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 
 from transformers import Trainer, TrainerCallback
 
-from ._mixin import ActiveMixin
-from ._validation import EPOCH
-
-
-def unwrap_active(optimizer):
-    """The Active optimizer inside Accelerate's (or another) wrapper, or None."""
-    seen = 0
-    while optimizer is not None and not isinstance(optimizer, ActiveMixin) and seen < 8:
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return optimizer if isinstance(optimizer, ActiveMixin) else None
-
-
-def updates_per_epoch(train_dataloader, gradient_accumulation_steps: int) -> int:
-    """Optimizer updates in one epoch, counted as the Trainer counts them: batches of this
-    process's (Accelerate-prepared) dataloader over gradient accumulation, a last partial
-    accumulation included."""
-    try:
-        batches = len(train_dataloader)
-    except TypeError:
-        raise ValueError(
-            "period='epoch' needs a training dataset with a length, to count optimizer updates "
-            "per epoch; with an IterableDataset pass the period explicitly, e.g. "
-            "optim_args='period=1000' or ActiveAdamW(..., period=1000)"
-        ) from None
-    return max(math.ceil(batches / gradient_accumulation_steps), 1)
-
-
-class ActivePeriodCallback(TrainerCallback):
-    """Sets ``period="epoch"`` to the real number of optimizer updates per epoch at train start.
-
-    Added to every Trainer by ``import hf_activelr``; explicit periods are left alone, and on
-    resume the period saved in the optimizer state is kept.
-    """
-
-    def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None,
-                       **kwargs):
-        active = unwrap_active(optimizer)
-        if active is None or all(g["period"] != EPOCH for g in active.param_groups):
-            return
-        if train_dataloader is None:
-            raise ValueError("period='epoch' needs the Trainer's train dataloader; pass period=N")
-        active.set_period(updates_per_epoch(train_dataloader, args.gradient_accumulation_steps))
+from ..optim._mixin import unwrap_active
+from .callbacks import ActivePeriodCallback, updates_per_epoch  # noqa: F401  (public here)
 
 
 class _RunRecordCallback(TrainerCallback):
@@ -62,7 +20,7 @@ class _RunRecordCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
-        from .distributed import check_consistent
+        from ..optim.distributed import check_consistent
 
         if args.world_size > 1 and unwrap_active(self.trainer.optimizer) is not None:
             check_consistent(self.trainer.optimizer)  # every rank, before a bad state is kept

@@ -41,7 +41,7 @@ def _checksums(optimizer) -> torch.Tensor:
 def consistency_report(optimizer) -> dict:
     """``{"consistent": bool, "world_size": n, "groups": [...]}``; each group lists its per-rank
     checksums (see ``_checksums``). One process: trivially consistent."""
-    from .trainer import unwrap_active
+    from ._mixin import unwrap_active
 
     active = unwrap_active(optimizer)
     if active is None:

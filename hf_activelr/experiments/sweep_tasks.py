@@ -192,7 +192,8 @@ _TASKS: dict[str, SweepTask] = {}
 
 
 def register_task(task: SweepTask) -> SweepTask:
-    """Make ``task`` available to :func:`hf_activelr.sweep.sweep` and ``hf-activelr sweep``."""
+    """Make ``task`` available to :func:`hf_activelr.experiments.sweep.sweep` and
+    ``hf-activelr sweep``."""
     if not isinstance(task, SweepTask):
         raise TypeError(f"task must be a SweepTask, got {type(task).__name__}")
     _TASKS[task.name] = task

@@ -16,7 +16,7 @@ from importlib import resources
 
 import torch
 
-from . import rule
+from ..optim import rule
 
 RUN_RECORD = "activelr_run.json"
 TASKS = {
@@ -152,7 +152,7 @@ def build_card(
     if steps:
         training["optimizer steps"] = max(steps)
     environment = Environment(
-        loader=FileSystemLoader(str(resources.files("hf_activelr.model_cards"))),
+        loader=FileSystemLoader(str(resources.files("hf_activelr.integrations") / "templates")),
         keep_trailing_newline=True,
     )
     body = environment.get_template(template).render(

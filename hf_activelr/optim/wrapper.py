@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 
 from . import rule
 from ._mixin import ActiveMixin
-from ._validation import ACTIVE_GROUP_KEYS, check_active_args
+from .config import OPTION_NAMES, ActiveConfig
 
 
 class ActiveLR(ActiveMixin, Optimizer):
@@ -28,26 +28,22 @@ class ActiveLR(ActiveMixin, Optimizer):
     It is itself a ``torch.optim.Optimizer``: ``param_groups`` are the wrapped optimizer's
     (schedulers move ``lr`` on both), ``state_dict`` holds the wrapped optimizer's state plus
     ``gain`` and ``grad_sum`` per parameter, ``zero_grad`` and hooks work as usual.
-    ``lr_high``, ``lr_low``, ``period`` (and ``gain_min``, ``gain_max``, ``zero_sum``,
-    ``gain_increase``, ``gain_init``, ``grad_sum_dtype``, ``significance``) are stored in each
-    param group.
+    The ActiveLR options (``config`` and keyword arguments, see
+    :class:`~hf_activelr.optim.config.ActiveConfig`; ``lr_high``, ``lr_low`` and ``period``
+    are required) are stored in each param group.
     """
 
-    def __init__(
-        self, optimizer: Optimizer, *, lr_high, lr_low, period=None, gain_min=None,
-        gain_max=None, zero_sum="hold", gain_increase="additive",
-        gain_init=1.0, grad_sum_dtype=None, significance=None,
-    ):
+    def __init__(self, optimizer: Optimizer, *, config: ActiveConfig | None = None, **options):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 f"optimizer must be a constructed torch.optim.Optimizer, got {type(optimizer)!r}"
             )
         if isinstance(optimizer, ActiveMixin):
             raise TypeError(f"{type(optimizer).__name__} is already Active; do not wrap it again")
-        active = check_active_args(
-            lr_high, lr_low, period, gain_min, gain_max, zero_sum, gain_increase, gain_init,
-            grad_sum_dtype, significance,
-        )
+        if config is not None and not isinstance(config, ActiveConfig):
+            raise TypeError(f"config must be an ActiveConfig, got {type(config).__name__}")
+        base = config.group_values() if config is not None else {}
+        active = ActiveConfig.from_options(options, base).group_values()
         self.optimizer = optimizer
         super().__init__(optimizer.param_groups, {**optimizer.defaults, **active})
         # One list of group dicts for both: schedulers and add_param_group see the same groups.
@@ -56,7 +52,7 @@ class ActiveLR(ActiveMixin, Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         added = False
         if not any(param_group is group for group in self.optimizer.param_groups):
-            for key in ACTIVE_GROUP_KEYS:
+            for key in OPTION_NAMES:
                 param_group.setdefault(key, self.defaults[key])
             self.optimizer.add_param_group(param_group)
             param_group = self.optimizer.param_groups[-1]

@@ -23,9 +23,8 @@ win over a preset).
 
 from __future__ import annotations
 
-import inspect
-
 from ._validation import EPOCH
+from .config import ActiveConfig
 
 #: The two-sided rule (see module docstring). Under random signs ``log(gain)`` drifts by
 #: ``(log(1 + lr_high) + log(lr_low)) / 2 < 0`` per period, so a learning rate too large to
@@ -57,25 +56,27 @@ PRESETS = ("paper", "two_sided", "significant")
 DEFAULT_PRESET = "significant"
 
 
-def preset_kwargs(name: str, optimizer_cls=None) -> dict:
-    """The ActiveLR keyword arguments of preset ``name`` for ``optimizer_cls`` (an Active
-    class; the paper's values depend on it, AdamW's when None). ``period`` is included:
-    ``"epoch"`` for the paper (set by the Trainer; give a number in a custom loop)."""
+def preset_config(name: str, optimizer_cls=None) -> ActiveConfig:
+    """Preset ``name`` as an :class:`ActiveConfig` for ``optimizer_cls`` (an Active class; the
+    paper's values depend on it, AdamW's when None). ``period`` is ``"epoch"`` for the paper
+    (set by the Trainer; give a number in a custom loop)."""
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
     if name == "two_sided":
-        return dict(TWO_SIDED)
+        return ActiveConfig(**TWO_SIDED)
     if name == "significant":
-        return dict(SIGNIFICANT)
+        return ActiveConfig(**SIGNIFICANT)
     if optimizer_cls is None:
-        from .optim import ActiveAdamW as optimizer_cls
-    # The classes' own defaults are the authors' values (ActiveAdamW 2.0 / 0.5, ...).
-    parameters = inspect.signature(optimizer_cls).parameters
-    values = {
-        key: parameters[key].default
-        if key in parameters and parameters[key].default is not inspect.Parameter.empty
-        else fallback
-        for key, fallback in PAPER_FALLBACK.items()
-    }
-    return {**values, "gain_increase": "additive", "gain_init": 1.0, "gain_min": None,
-            "gain_max": None, "period": EPOCH, "significance": None}
+        from .adamw import ActiveAdamW as optimizer_cls
+    # The authors' values where published (ActiveAdamW 2.0 / 0.5, ...), else the fallback.
+    published = getattr(optimizer_cls, "paper_options", None) or PAPER_FALLBACK
+    return ActiveConfig(**published, gain_increase="additive", gain_init=1.0, gain_min=None,
+                        gain_max=None, period=EPOCH, significance=None)
+
+
+def preset_kwargs(name: str, optimizer_cls=None) -> dict:
+    """The keyword arguments of :func:`preset_config` (every ActiveLR option but
+    ``zero_sum`` and ``grad_sum_dtype``, which no preset changes)."""
+    values = preset_config(name, optimizer_cls).group_values()
+    return {key: value for key, value in values.items()
+            if key not in ("zero_sum", "grad_sum_dtype")}

@@ -17,7 +17,7 @@ _GAIN_KEY = re.compile(r"^gain/group(\d+)/(\w+)$")
 
 def describe_optimizer(optimizer) -> dict:
     """Class and hyperparameters of the (possibly Accelerate-wrapped) optimizer, per group."""
-    from .trainer import unwrap_active
+    from ..optim._mixin import unwrap_active
 
     active = unwrap_active(optimizer)
     inner = active if active is not None else getattr(optimizer, "optimizer", optimizer)
@@ -33,7 +33,7 @@ def describe_optimizer(optimizer) -> dict:
 
 def build_results(trainer, metrics: dict, extra: dict | None = None) -> dict:
     """What a run produced, in one JSON-able dict."""
-    from .trainer import unwrap_active
+    from ..optim._mixin import unwrap_active
 
     active = unwrap_active(trainer.optimizer)
     results = {

@@ -8,7 +8,7 @@ Hyperparameter Initialization", arXiv 2301.10133. Per parameter element, at step
 3. if ``t % period == 0``: ``g += lr_high`` where the sign of ``s`` agrees with the previous
    period's sum, ``g *= lr_low`` where it flips; the sign of ``s`` is remembered, ``s = 0``.
 
-Beyond the paper (see :mod:`hf_activelr.presets`): ``gain_increase="multiplicative"`` grows
+Beyond the paper (see :mod:`hf_activelr.optim.presets`): ``gain_increase="multiplicative"`` grows
 the gain by the factor ``1 + lr_high`` instead of adding ``lr_high``; ``gain_init`` starts the
 gains below (or above) 1; ``gain_min`` / ``gain_max`` bound them; ``significance`` counts a
 period's sign only where the sum stands out of its own noise (below).

@@ -1,0 +1,201 @@
+"""`ActiveConfig`: the one statement of the ActiveLR options: their names, types, defaults,
+help and validation; and the one parser of ``key=value`` option strings.
+
+Every optimizer class, the wrapper, the presets, the Trainer's ``optim_args``, the sweep's
+``name:key=value`` specs and the CLI read the options from here::
+
+    ActiveAdamW(params, lr=1e-3, period=100, lr_high=0.5)          # keyword options
+    ActiveAdamW(params, lr=1e-3, config=ActiveConfig(lr_high=0.5, lr_low=0.5, period=100))
+    TrainingArguments(optim="active_adamw", optim_args="lr_high=0.5,period=100")
+
+The rule these options steer is stated in docs/algorithm.md and :mod:`hf_activelr.optim.rule`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+from ._validation import (
+    EPOCH,
+    GAIN_INCREASES,
+    ZERO_SUM_POLICIES,
+    check_grad_sum_dtype,
+    check_period,
+    check_real,
+    check_significance_reachable,
+)
+
+
+def _option(default, kind, help_text: str):
+    """A field with the type its ``key=value`` string parses to and its help."""
+    return field(default=default, metadata={"type": kind, "help": help_text})
+
+
+@dataclass(frozen=True)
+class ActiveConfig:
+    """The ActiveLR settings of a param group (validated on construction; immutable).
+
+    ``lr_high`` and ``lr_low`` have no default here: each optimizer class supplies the paper's
+    values where the authors published them (``ActiveAdamW`` 2.0 / 0.5, ``ActiveRAdam`` and
+    ``ActiveAdaBelief`` 0.05 / 0.95), and presets (:mod:`hf_activelr.optim.presets`) supply
+    all of them.
+    """
+
+    lr_high: float = _option(
+        None, float,
+        "where a period's sum keeps its sign the gain grows: `gain += lr_high` (additive) or "
+        "`gain *= 1 + lr_high` (multiplicative); >= 0")
+    lr_low: float = _option(
+        None, float, "where it flips sign the gain shrinks: `gain *= lr_low`; in (0, 1]")
+    period: int | str = _option(
+        None, int,
+        "optimizer steps between gain updates, or 'epoch' (one epoch, set by the Trainer at "
+        "train start, as in the paper)")
+    gain_min: float | None = _option(
+        None, float, "lower bound of the gains, in (0, 1]; None: unbounded (the paper)")
+    gain_max: float | None = _option(
+        None, float, "upper bound of the gains, >= 1; None: unbounded (the paper)")
+    gain_increase: str = _option(
+        "additive", str, f"how a kept sign grows the gain: one of {GAIN_INCREASES}")
+    gain_init: float = _option(
+        1.0, float, "the gains' starting value, > 0, within [gain_min, gain_max]")
+    significance: float | None = _option(
+        None, float,
+        "z > 0: a period's sign counts only where |sum g| > z * sqrt(sum g^2) (else the gain "
+        "holds); needs period > z**2; None: every sign counts (the paper)")
+    zero_sum: str = _option(
+        "hold", str, f"what a zero (or not significant) sum does: one of {ZERO_SUM_POLICIES}")
+    grad_sum_dtype: str | None = _option(
+        None, str,
+        "storage of the running sums: None (the gains' dtype) or 'bfloat16' (2 bytes less "
+        "per parameter and sum; every sign kept)")
+
+    def __post_init__(self):
+        for name in ("lr_high", "lr_low"):
+            if getattr(self, name) is None:
+                raise TypeError(
+                    f"missing ActiveLR option {name!r}: give it, or use a preset "
+                    "(hf_activelr.preset_kwargs), or a class with the paper's values"
+                )
+        check_real("lr_high", self.lr_high, low=0.0)
+        check_real("lr_low", self.lr_low, low=0.0, high=1.0, low_open=True)
+        period = check_period(self.period)
+        if self.gain_min is not None:
+            check_real("gain_min", self.gain_min, low=0.0, high=1.0, low_open=True)
+        if self.gain_max is not None:
+            check_real("gain_max", self.gain_max, low=1.0)
+        if self.zero_sum not in ZERO_SUM_POLICIES:
+            raise ValueError(
+                f"zero_sum must be one of {ZERO_SUM_POLICIES}, got {self.zero_sum!r}")
+        if self.gain_increase not in GAIN_INCREASES:
+            raise ValueError(
+                f"gain_increase must be one of {GAIN_INCREASES}, got {self.gain_increase!r}")
+        check_real("gain_init", self.gain_init, low=0.0, low_open=True)
+        if self.significance is not None:
+            check_real("significance", self.significance, low=0.0, low_open=True)
+            if period != EPOCH:
+                check_significance_reachable(self.significance, period)
+        if self.gain_min is not None and self.gain_init < self.gain_min:
+            raise ValueError(f"gain_init must be >= gain_min ({self.gain_min}), got "
+                             f"{self.gain_init}")
+        if self.gain_max is not None and self.gain_init > self.gain_max:
+            raise ValueError(f"gain_init must be <= gain_max ({self.gain_max}), got "
+                             f"{self.gain_init}")
+        # Normalised forms, as param groups and state dicts hold them.
+        normal = {
+            "lr_high": float(self.lr_high), "lr_low": float(self.lr_low), "period": period,
+            "gain_min": None if self.gain_min is None else float(self.gain_min),
+            "gain_max": None if self.gain_max is None else float(self.gain_max),
+            "gain_init": float(self.gain_init),
+            "significance": None if self.significance is None else float(self.significance),
+            "grad_sum_dtype": check_grad_sum_dtype(self.grad_sum_dtype),
+        }
+        for name, value in normal.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_options(cls, options: dict, defaults: dict | None = None) -> ActiveConfig:
+        """A config from ``defaults`` updated by ``options`` (keyword arguments); an unknown
+        key is a TypeError listing the valid ones."""
+        unknown = sorted(set(options) - set(OPTION_NAMES))
+        if unknown:
+            raise TypeError(
+                f"unknown ActiveLR option(s) {unknown}; valid: {', '.join(OPTION_NAMES)}")
+        return cls(**{**(defaults or {}), **options})
+
+    def group_values(self) -> dict:
+        """The settings as a param group holds them."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes) -> ActiveConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """``{option: help}``, in declaration order (the CLI's ``list`` prints it)."""
+        return {f.name: f.metadata["help"] for f in fields(cls)}
+
+
+#: The ActiveLR options, in declaration order: every param group of an Active optimizer
+#: carries them.
+OPTION_NAMES = tuple(f.name for f in fields(ActiveConfig))
+#: The type each option's ``key=value`` string parses to.
+OPTION_TYPES = {f.name: f.metadata["type"] for f in fields(ActiveConfig)}
+
+
+# -- the one key=value parser ---------------------------------------------------------------
+
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def split_options(text: str | None) -> dict[str, str]:
+    """``"a=1,b=x"`` -> ``{"a": "1", "b": "x"}``: the strings ``optim_args`` holds. Spaces
+    around keys and values are dropped; an item without ``=`` or a repeated key is an error."""
+    pairs: dict[str, str] = {}
+    if not text or not text.strip():
+        return pairs
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"options {text!r}: expected key=value,key=value, got {item!r}")
+        if key in pairs:
+            raise ValueError(f"options {text!r}: {key!r} is given twice")
+        pairs[key] = value.strip()
+    return pairs
+
+
+def parse_value(key: str, text, kind: type | None = None):
+    """The value of option ``key`` from its string ``text``. ``kind`` (bool, int, float, str)
+    says what it must be; without one (a peer's option that has no typed default) the string
+    reads as None, a boolean, an int, a float, in that order, else stays a string. ``"none"``
+    is None for every kind; ``period`` also takes ``"epoch"``. Non-strings pass through."""
+    if not isinstance(text, str):
+        return text
+    lowered = text.strip().lower()
+    if lowered == "none":
+        return None
+    if key == "period" and lowered == EPOCH:
+        return EPOCH
+    if kind is None:
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        for guess in (int, float):
+            try:
+                return guess(text)
+            except ValueError:
+                continue
+        return text
+    if kind is bool:
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ValueError(f"option {key}={text!r}: expected true or false")
+    if kind is str:
+        return text
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"option {key}={text!r}: expected a {kind.__name__}") from None

@@ -1,1 +1,0 @@
-"""Model card templates (Jinja2), shipped inside the package as ``hf_activelr.model_cards``."""
