@@ -980,3 +980,40 @@ def test_two_ranks_diverged_state_is_reported(two_rank_results, scenario, bad_gr
         groups = two_rank_results[0][scenario]["report"]["report"]["groups"]
         assert groups[0][0] == groups[0][1]  # group 0 saw the same gradients
         assert groups[1][0] != groups[1][1]
+
+
+def _group_changed(**changes):
+    good = _good_state()
+    return {**good, "param_groups": [{**good["param_groups"][0], **changes}]}
+
+
+BAD_GROUP_VALUES = [
+    ("lr_low-2", {"lr_low": 2.0}, r"lr_low must be in \(0.0, 1.0\], got 2.0"),
+    ("lr_high-negative", {"lr_high": -1.0}, r"lr_high"),
+    ("period-0", {"period": 0}, r"period must be a positive int"),
+    ("zero_sum-unknown", {"zero_sum": "sometimes"}, r"zero_sum must be one of"),
+    ("gain_min-above-1", {"gain_min": 5.0}, r"gain_min"),
+    ("significance-unreachable", {"significance": 3.0}, r"significance=3.0 needs period > "),
+    ("lr-negative", {"lr": -1.0}, r"lr must be"),
+    ("betas-out-of-range", {"betas": (1.5, 0.999)}, r"betas\[0\]"),
+]
+
+
+@pytest.mark.parametrize("changes,pattern", [(c, p) for _, c, p in BAD_GROUP_VALUES],
+                         ids=[name for name, _, _ in BAD_GROUP_VALUES])
+def test_bad_group_value_is_refused_before_anything_is_loaded(changes, pattern):
+    """A saved group whose values are out of range (hand-edited, or another version's) is
+    refused before the state or the groups are replaced: nothing is lost."""
+    _refused_then_untouched(ADAMW, _group_changed(**changes), ValueError, pattern)
+
+
+@pytest.mark.parametrize("changes,pattern", [(c, p) for n, c, p in BAD_GROUP_VALUES
+                                             if n not in ("lr-negative", "betas-out-of-range")],
+                         ids=[n for n, _, _ in BAD_GROUP_VALUES
+                              if n not in ("lr-negative", "betas-out-of-range")])
+def test_bad_group_value_is_refused_by_the_wrapper_before_anything_is_loaded(changes, pattern):
+    wrapper = TARGETS["ActiveLR(Adam)"]
+    opt, _ = _trained(wrapper)
+    saved = opt.state_dict()
+    bad = {**saved, "param_groups": [{**saved["param_groups"][0], **changes}]}
+    _refused_then_untouched(wrapper, bad, ValueError, pattern)

@@ -763,3 +763,73 @@ def test_foreach_path_equals_single_tensor_path_across_gain_kinds(cls):
     for p, q in zip(ps, qs):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(gains(a, [p])[0], gains(b, [q])[0], rtol=0, atol=0)
+
+
+# --- every saved state tensor keeps the dtype its variant keeps ---------------------------
+
+DTYPE_CONFIGS = [(name, f) for name, f in CONFIGS if "significant" not in name]
+
+
+@pytest.mark.parametrize("factory", [f for _, f in DTYPE_CONFIGS],
+                         ids=[name for name, _ in DTYPE_CONFIGS])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("via", ["dict", "bytes"])
+def test_load_keeps_every_state_tensors_dtype(factory, dtype, via):
+    """torch casts a loaded state's floating tensors to the parameter's dtype; a variant that
+    keeps float32 moments for float16 parameters (ActiveAdaBelief) got them back as float16,
+    and its next step wrote inf. Every tensor keeps the dtype and value it was saved with."""
+    params = make_params(dtype)
+    opt = factory(params, period=3)
+    for t in range(4):
+        set_grads(params, t)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    twin_params = clone_params(params)
+    twin = factory(twin_params, period=3)
+    twin.load_state_dict(roundtrip(copy.deepcopy(saved), via))
+    for index, state in saved["state"].items():
+        loaded = twin.state_dict()["state"][index]
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                assert loaded[key].dtype == value.dtype, (index, key)
+                assert torch.equal(loaded[key], value), (index, key)
+    for t in range(4, 8):
+        set_grads(params, t)
+        set_grads(twin_params, t)
+        opt.step()
+        twin.step()
+    for p, q in zip(params, twin_params):
+        assert torch.isfinite(q).all()
+        assert torch.equal(p, q)
+
+
+# --- copies and pickles ------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("factory", [f for n, f in CONFIGS if n in (
+    "ActiveAdamW", "ActiveLR(Adam)", "ActiveLR(Adam)-significant")],
+    ids=["ActiveAdamW", "ActiveLR(Adam)", "ActiveLR(Adam)-significant"])
+def test_optimizer_can_be_deep_copied_and_pickled(factory, how):
+    """``copy.deepcopy`` and pickle give an independent optimizer over copied parameters (as
+    for torch's own optimizers) that trains on exactly like the original."""
+    import pickle
+
+    params = make_params()
+    opt = factory(params, period=3)
+    for t in range(4):
+        set_grads(params, t)
+        opt.step()
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    twin_params = [p for group in twin.param_groups for p in group["params"]]
+    assert all(p is not q for p, q in zip(params, twin_params))
+    if isinstance(twin, ActiveLR):
+        assert twin.param_groups is twin.optimizer.param_groups
+    for t in range(4, 10):
+        set_grads(params, t)
+        set_grads(twin_params, t)
+        opt.step()
+        twin.step()
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["gain"], twin.state[q]["gain"])

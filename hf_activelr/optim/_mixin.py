@@ -141,6 +141,8 @@ class ActiveMixin:
                 f"{[len(g['params']) for g in groups]}, this optimizer "
                 f"{[len(g['params']) for g in self.param_groups]}: it belongs to another model"
             )
+        for index, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            self._validate_saved_group(index, saved, group)
         allowed = None
         if self._base_state_keys is not None:
             allowed = self._base_state_keys | set(rule.ACTIVE_STATE_KEYS)
@@ -174,6 +176,40 @@ class ActiveMixin:
                             f"tensor of the parameter's shape {tuple(param.shape)}"
                         )
 
+    @staticmethod
+    def _merged_group(saved: dict, current: dict) -> dict:
+        """The group a load makes of ``saved`` (see ``_restore_active_state``): its values,
+        the rule an older state ran where it predates an option, this group's for the rest."""
+        merged = {key: value for key, value in saved.items() if key != "params"}
+        if "lr_high" in merged:
+            for key, value in PRE_OPTION_DEFAULTS.items():
+                merged.setdefault(key, value)
+        for key, value in current.items():
+            if key not in ("active_step", "gain_changes"):
+                merged.setdefault(key, value)
+        merged["params"] = current["params"]
+        return merged
+
+    def _validate_saved_group(self, index: int, saved: dict, group: dict) -> None:
+        """The loaded group's values pass the checks a new group passes (ActiveLR options and
+        the variant's own), before anything is replaced."""
+        merged = self._merged_group(saved, group)
+        try:
+            ActiveConfig.from_options({key: merged[key] for key in OPTION_NAMES})
+            check = getattr(self, "_check_group", None)
+            if check is not None:
+                check(merged)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"{type(self).__name__}: param group {index} of the state dict is refused: "
+                f"{error}"
+            ) from None
+
+    def _kept_dtypes(self, param, group) -> dict:
+        """``{state key: dtype}`` of the base state this optimizer keeps for ``param``
+        (empty: whatever was saved)."""
+        return {}
+
     def _restore_active_state(self, state_dict: dict, previous_groups: list[dict]) -> None:
         """Finish a ``load_state_dict``: gains and sums keep their own dtype (torch would cast
         a bf16 parameter's float32 gains to bf16); groups saved by a plain optimizer get this
@@ -183,6 +219,7 @@ class ActiveMixin:
             for saved, group in zip(state_dict["param_groups"], self.param_groups)
             for saved_id, param in zip(saved["params"], group["params"])
         }
+        group_of = {param: group for group in self.param_groups for param in group["params"]}
         for saved_id, saved_state in state_dict["state"].items():
             param = id_to_param.get(saved_id)
             if param is None:
@@ -190,6 +227,14 @@ class ActiveMixin:
             for key in rule.ACTIVE_STATE_KEYS:
                 if key in saved_state:
                     self.state[param][key] = saved_state[key].to(device=param.device, copy=True)
+            # torch casts every floating state tensor to the parameter's dtype; a variant may
+            # keep another (ActiveAdaBelief: float32 moments for float16 parameters, whose
+            # float16 copies overflow). Rebuilt from the saved tensor: no value is lost.
+            for key, dtype in self._kept_dtypes(param, group_of[param]).items():
+                saved = saved_state.get(key)
+                if torch.is_tensor(saved) and self.state[param][key].dtype != dtype:
+                    self.state[param][key] = saved.to(device=param.device, dtype=dtype,
+                                                      copy=True)
         for group, previous in zip(self.param_groups, previous_groups):
             if "lr_high" in group:
                 # Saved by an Active optimizer from before these options: the rule it ran.

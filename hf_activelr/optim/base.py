@@ -81,6 +81,14 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
     def _init_base_state(self, param, state, group) -> None:
         """Create the base optimizer's state (variants with lazily created state skip this)."""
 
+    def _kept_dtypes(self, param, group) -> dict:
+        """The dtypes ``_init_base_state`` gives ``param``'s floating state tensors, found on
+        the meta device (no memory); the step count keeps torch's rule."""
+        template: dict = {}
+        self._init_base_state(torch.empty_like(param, device="meta"), template, group)
+        return {key: value.dtype for key, value in template.items()
+                if torch.is_tensor(value) and value.is_floating_point() and value.dim() > 0}
+
     def _state_for(self, param, group) -> dict:
         state = self.state[param]
         if self._base_state_key is not None and self._base_state_key not in state:

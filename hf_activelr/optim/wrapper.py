@@ -69,6 +69,15 @@ class ActiveLR(ActiveMixin, Optimizer):
         if self.param_groups is not self.optimizer.param_groups:  # during __init__ only
             self.param_groups.append(param_group)
 
+    def __getstate__(self) -> dict:
+        # torch's Optimizer pickles defaults, state and param_groups only; the wrapped
+        # optimizer goes along (its param_groups are this one's: one list, kept by the memo).
+        return {**super().__getstate__(), "optimizer": self.optimizer}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.param_groups = self.optimizer.param_groups
+
     def __repr__(self) -> str:
         group = self.param_groups[0] if self.param_groups else {}
         settings = ", ".join(f"{k}={group.get(k)}" for k in ("lr_high", "lr_low", "period"))
