@@ -10,6 +10,12 @@ import sys
 def _list(args) -> int:
     from .integrations import registry
 
+    if args.options:
+        from .optim.config import OPTION_TYPES, ActiveConfig
+
+        for key, text in ActiveConfig.help().items():
+            print(f"{key:15s} {OPTION_TYPES[key].__name__:6s} {text}")
+        return 0
     for name in registry.available_optimizers():
         entry = registry.get(name)
         defaults = ", ".join(f"{k}={v}" for k, v in entry.defaults.items())
@@ -99,9 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hf-activelr", description="ActiveLR optimizers for the Hugging Face Trainer."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="list the registered optimizer names").set_defaults(
-        func=_list
-    )
+    listing = commands.add_parser("list", help="list the registered optimizer names")
+    listing.add_argument("--options", action="store_true",
+                         help="list the ActiveLR options (optim_args keys) instead")
+    listing.set_defaults(func=_list)
     run = commands.add_parser(
         "run", help="run a training script with --optim active_* available",
         description="Run SCRIPT with the Active optimizers registered with transformers.",

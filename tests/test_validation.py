@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import hf_activelr
 from hf_activelr import (
     ActiveAdaBelief,
     ActiveAdaBound,
@@ -472,3 +473,92 @@ def test_set_period_refuses_a_period_the_significance_test_cannot_pass():
     assert optimizer.param_groups[0]["period"] == "epoch"
     optimizer.set_period(5)
     assert optimizer.param_groups[0]["period"] == 5
+
+
+# --- ActiveConfig: the one statement of the options ----------------------------------------
+
+def test_active_config_is_the_one_source_of_the_options():
+    import dataclasses
+    import inspect
+
+    from hf_activelr import ActiveConfig
+    from hf_activelr.integrations import registry
+    from hf_activelr.optim.config import OPTION_NAMES, OPTION_TYPES
+
+    assert OPTION_NAMES == tuple(f.name for f in dataclasses.fields(ActiveConfig))
+    assert all(ActiveConfig.help()[key] for key in OPTION_NAMES)
+    # The classes take the options as keywords (no second list in their signatures) ...
+    for cls in (ActiveSGD, ActiveAdamW, ActiveRAdam, ActiveAdaBelief, ActiveAdaBound, ActiveLR):
+        parameters = inspect.signature(cls).parameters
+        assert not set(OPTION_NAMES) & set(parameters), cls
+        assert "config" in parameters
+    # ... and optim_args accepts every option with ActiveConfig's type.
+    for name in hf_activelr.available_optimizers():
+        accepted = registry.get(name).accepted_options()
+        assert {key: accepted[key] for key in OPTION_NAMES} == OPTION_TYPES
+
+
+def test_active_config_validates_normalises_and_is_immutable():
+    import dataclasses
+
+    from hf_activelr import ActiveConfig
+
+    config = ActiveConfig(lr_high=1, lr_low=0.5, period=10, grad_sum_dtype=torch.bfloat16)
+    assert config.lr_high == 1.0 and isinstance(config.lr_high, float)
+    assert config.grad_sum_dtype == "bfloat16"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr_high = 2.0
+    with pytest.raises(ValueError, match=r"lr_low must be in \(0.0, 1.0\], got 1.5"):
+        config.replace(lr_low=1.5)
+    with pytest.raises(TypeError, match="missing ActiveLR option 'lr_high'"):
+        ActiveConfig(lr_low=0.5, period=10)
+    with pytest.raises(TypeError, match=r"unknown ActiveLR option\(s\) \['lr_hihg'\]"):
+        ActiveConfig.from_options({"lr_hihg": 1.0}, config.group_values())
+
+
+def test_a_config_and_keywords_build_the_same_optimizer():
+    from hf_activelr import ActiveConfig
+    from hf_activelr.optim.presets import preset_config
+
+    params = [nn.Parameter(torch.zeros(3))]
+    config = preset_config("significant")
+    from_config = ActiveAdamW(params, lr=1e-3, config=config)
+    from_keywords = ActiveAdamW(params, lr=1e-3, **hf_activelr.preset_kwargs("significant"))
+    assert from_config.param_groups[0] == from_keywords.param_groups[0]
+    # keywords win over the config
+    assert ActiveAdamW(params, config=config, period=50).param_groups[0]["period"] == 50
+    wrapped = ActiveLR(torch.optim.SGD(params, lr=0.1), config=config)
+    assert all(wrapped.param_groups[0][k] == v for k, v in config.group_values().items())
+    with pytest.raises(TypeError, match="config must be an ActiveConfig, got dict"):
+        ActiveAdamW(params, config={"lr_high": 1.0})
+    assert isinstance(preset_config("paper", ActiveSGD), ActiveConfig)
+    assert preset_config("paper", ActiveRAdam).lr_high == ActiveRAdam.paper_options["lr_high"]
+
+
+@pytest.mark.parametrize("text,kind,expected", [
+    ("0.5", float, 0.5), (".5", None, 0.5), ("1e-3", None, 1e-3), ("1", float, 1.0),
+    ("1", None, 1), ("true", None, True), ("False", bool, False), ("none", float, None),
+    ("", None, ""), ("tanh", None, "tanh"), ("epoch", int, "epoch"), ("12", int, 12),
+])
+def test_one_parser_for_option_values(text, kind, expected):
+    from hf_activelr.optim.config import parse_value
+
+    key = "period" if text == "epoch" else "x"
+    value = parse_value(key, text, kind)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_one_parser_for_option_strings():
+    from hf_activelr.optim.config import split_options
+
+    assert split_options("lr_high=0.5, period=100") == {"lr_high": "0.5", "period": "100"}
+    assert split_options("") == {} and split_options(None) == {}
+    assert split_options("act=") == {"act": ""}
+    with pytest.raises(ValueError, match="expected key=value"):
+        split_options("lr_high")
+    with pytest.raises(ValueError, match="'a' is given twice"):
+        split_options("a=1,a=2")
+    with pytest.raises(ValueError, match="expected a float"):
+        from hf_activelr.optim.config import parse_value
+
+        parse_value("lr_high", "fast", float)
