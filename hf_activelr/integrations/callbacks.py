@@ -1,6 +1,8 @@
-"""The epoch period: the callback every Trainer gets once hf_activelr is imported.
+"""Callbacks: the epoch period (every Trainer gets it once hf_activelr is imported), and what
+ActiveTrainer shows of the gains (compact console lines, a table at the end, TensorBoard
+histograms per layer type).
 
-Its own module, importing only ``transformers.trainer_callback``: the transformers patch adds
+Their own module, importing only ``transformers.trainer_callback``: the transformers patch adds
 it to ``transformers.trainer.DEFAULT_CALLBACKS`` while ``transformers.trainer`` is being
 imported, when this package's ``trainer`` module (which imports ``transformers.Trainer``)
 cannot be imported yet.
@@ -9,8 +11,10 @@ cannot be imported yet.
 from __future__ import annotations
 
 import math
+import re
 
-from transformers.trainer_callback import TrainerCallback
+import torch
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
 from ..optim._mixin import unwrap_active
 from ..optim._validation import EPOCH
@@ -46,3 +50,126 @@ class ActivePeriodCallback(TrainerCallback):
         if train_dataloader is None:
             raise ValueError("period='epoch' needs the Trainer's train dataloader; pass period=N")
         active.set_period(updates_per_epoch(train_dataloader, args.gradient_accumulation_steps))
+
+
+# -- what the console and TensorBoard show of the gains -------------------------------------
+
+
+def compact_gain_logs(logs: dict) -> dict:
+    """The console's view of a training log: ActiveTrainer's ``gain/group{i}/{stat}`` entries
+    (6 per group, kept in full for ``report_to`` backends) become one ``gain_median`` field,
+    the median gain of each group."""
+    if not any(key.startswith("gain/") for key in logs):
+        return logs
+    compact = {key: value for key, value in logs.items() if not key.startswith("gain/")}
+    medians = [value for key, value in logs.items()
+               if key.startswith("gain/") and key.endswith("/median")]
+    compact["gain_median"] = " ".join(f"{value:.3g}" for value in medians)
+    return compact
+
+
+class ActiveProgressCallback(ProgressCallback):
+    """The progress bar's log lines, with the gains in one field (:func:`compact_gain_logs`)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=compact_gain_logs(dict(logs or {})), **kwargs)
+
+
+class ActivePrinterCallback(PrinterCallback):
+    """``disable_tqdm=True``'s printed logs, with the gains in one field."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=compact_gain_logs(dict(logs or {})), **kwargs)
+
+
+def gain_table(optimizer) -> str:
+    """Per param group: elements, min / median / mean / max gain, and the shares of elements at
+    ``gain_min`` and ``gain_max`` (a bound that holds many gains is a sign the range or the
+    learning rate is off; see README, "Failure modes")."""
+    from ..optim import rule
+
+    active = unwrap_active(optimizer)
+    if active is None:
+        return ""
+    lines = ["| group | elements | min | median | mean | max | at gain_min | at gain_max |",
+             "|---|---|---|---|---|---|---|---|"]
+    for index, (group, stats) in enumerate(zip(active.param_groups, active.gain_stats())):
+        if stats["elements"] == 0:
+            continue
+        at_min = at_max = 0
+        for param in group["params"]:
+            gain = active.state.get(param, {}).get("gain")
+            if gain is None:
+                continue
+            decoded = rule.decode_gain(gain) * group["gain_init"]
+            if group["gain_min"] is not None:
+                at_min += int((decoded <= group["gain_min"] * (1 + 1e-6)).sum())
+            if group["gain_max"] is not None:
+                at_max += int((decoded >= group["gain_max"] * (1 - 1e-6)).sum())
+        elements = stats["elements"]
+        lines.append(
+            f"| {index} | {elements} | {stats['min']:.3g} | {stats['median']:.3g} | "
+            f"{stats['mean']:.3g} | {stats['max']:.3g} | {at_min / elements:.1%} | "
+            f"{at_max / elements:.1%} |")
+    return "\n".join(lines)
+
+
+class GainSummaryCallback(TrainerCallback):
+    """At the end of training, the gains as a table on the console (:func:`gain_table`)."""
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        table = gain_table(optimizer) if state.is_world_process_zero else ""
+        if table:
+            print(f"ActiveLR gains at step {state.global_step}:\n{table}")
+
+
+def layer_type(name: str) -> str:
+    """A parameter's layer type: its name with block indices starred, so that the repeated
+    blocks of a transformer share one histogram (``h.3.attn.c_attn.weight`` ->
+    ``h.*.attn.c_attn.weight``)."""
+    return re.sub(r"(?<=\.)\d+(?=\.)", "*", name)
+
+
+class GainHistogramCallback(TrainerCallback):
+    """TensorBoard histograms of the gains per layer type (:func:`layer_type`), written at
+    the first log after each period boundary (gains change only there), with the writer of
+    ``report_to="tensorboard"``. Parameter names come from ``param_names`` in the groups
+    (ActiveTrainer keeps them); without them a group is one histogram. At most
+    ``max_elements`` gains per histogram, evenly strided, bound the cost on large models."""
+
+    def __init__(self, trainer, max_elements: int = 1 << 20):
+        self.trainer = trainer
+        self.max_elements = max_elements
+        self._written_at = None
+
+    def _writer(self):
+        for callback in self.trainer.callback_handler.callbacks:
+            if type(callback).__name__ == "TensorBoardCallback":
+                return getattr(callback, "tb_writer", None)
+        return None
+
+    def on_log(self, args, state, control, **kwargs):
+        from ..optim import rule
+
+        active = unwrap_active(self.trainer.optimizer)
+        writer = self._writer() if state.is_world_process_zero else None
+        if active is None or writer is None:
+            return
+        boundaries = tuple(g["active_step"] // g["period"] for g in active.param_groups
+                           if g["period"] != EPOCH)
+        if boundaries == self._written_at:
+            return
+        self._written_at = boundaries
+        by_type: dict[str, list] = {}
+        for index, group in enumerate(active.param_groups):
+            names = group.get("param_names") or [f"group{index}"] * len(group["params"])
+            for name, param in zip(names, group["params"]):
+                gain = active.state.get(param, {}).get("gain")
+                if gain is not None:
+                    decoded = rule.decode_gain(gain).reshape(-1).float() * group["gain_init"]
+                    by_type.setdefault(layer_type(name), []).append(decoded.cpu())
+        for kind, values in by_type.items():
+            gains = torch.cat(values)
+            if gains.numel() > self.max_elements:
+                gains = gains[:: -(-gains.numel() // self.max_elements)]
+            writer.add_histogram(f"gain/{kind}", gains, state.global_step)
