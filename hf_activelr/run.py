@@ -10,15 +10,29 @@ the paper's one-epoch period unless ``--optim_args period=N`` says otherwise.
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
+import zipfile
 
 import hf_activelr  # noqa: F401  (registers the optimizers with transformers)
 
 
 def run_script(script: str, script_args: list[str]) -> None:
-    """Run ``script`` as ``__main__`` with ``script_args`` as its command line."""
+    """Run ``script`` as ``__main__`` with ``script_args`` as its command line and, as
+    ``python dir/script.py`` would, ``dir`` (symlinks resolved) as ``sys.path[0]``, so that the
+    script imports its sibling modules (``run_qa.py`` imports ``utils_qa``)."""
     sys.argv = [script, *script_args]
+    # sys.path[0] is the entry python prepended for *this* process (the working directory for
+    # ``-m``, the bin folder for the console script): python would have put the script's folder
+    # there instead. Under -P / PYTHONSAFEPATH python prepends nothing, so neither do we; a
+    # folder or zip file is put first by runpy itself (it runs its __main__.py).
+    if not sys.flags.safe_path and os.path.isfile(script) and not zipfile.is_zipfile(script):
+        folder = os.path.dirname(os.path.realpath(script))
+        if sys.path:
+            sys.path[0] = folder
+        else:
+            sys.path.insert(0, folder)
     runpy.run_path(script, run_name="__main__")
 
 

@@ -140,3 +140,58 @@ def test_cli_requires_a_command():
     with pytest.raises(SystemExit) as info:
         cli.main([])
     assert info.value.code == 2
+
+
+def test_cli_list_options_prints_every_active_option(capsys):
+    from hf_activelr.optim.config import OPTION_NAMES
+
+    assert cli.main(["list", "--options"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert listed == list(OPTION_NAMES)
+
+
+# --- the script's folder comes first on sys.path, as with `python dir/script.py` -------------
+
+
+def _script_with_a_sibling(tmp_path):
+    """dir/script.py imports dir/helper.py (as run_qa.py imports utils_qa) and reports
+    sys.path[0]; run from another folder, so only the script's folder can provide helper."""
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    (folder / "helper.py").write_text("VALUE = 'from the sibling module'\n")
+    (folder / "script.py").write_text(
+        "import json, sys\n"
+        "import helper\n"
+        "with open(sys.argv[1], 'w') as handle:\n"
+        "    json.dump({'value': helper.VALUE, 'path0': sys.path[0]}, handle)\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    return folder, elsewhere
+
+
+def test_python_m_run_puts_the_script_folder_on_sys_path(tmp_path):
+    folder, elsewhere = _script_with_a_sibling(tmp_path)
+    reports = {}
+    for how, command in {
+        "python": [sys.executable],  # the reference: what python itself does
+        "run": [sys.executable, "-m", "hf_activelr.run"],
+    }.items():
+        target = tmp_path / f"{how}.json"
+        run_command([*command, "../examples/script.py", str(target)], cwd=elsewhere)
+        reports[how] = json.loads(target.read_text())
+    assert reports["run"] == reports["python"]
+    assert reports["run"] == {"value": "from the sibling module", "path0": str(folder.resolve())}
+
+
+def test_run_script_in_process_puts_the_script_folder_on_sys_path(tmp_path, monkeypatch):
+    folder, elsewhere = _script_with_a_sibling(tmp_path)
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # run_script changes them, as python does
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.delitem(sys.modules, "helper", raising=False)
+    target = tmp_path / "report.json"
+    run.run_script("../examples/script.py", [str(target)])
+    sys.modules.pop("helper", None)
+    assert json.loads(target.read_text()) == {"value": "from the sibling module",
+                                              "path0": str(folder.resolve())}

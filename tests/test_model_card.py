@@ -106,3 +106,185 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         from hf_activelr.integrations.model_card import card_from_checkpoint
 
         card_from_checkpoint(tmp_path)
+
+
+# --- security: loading a checkpoint runs no pickled code; secrets stay off the card ---------
+
+
+class _RunsCode:
+    """A pickle payload: unpickling it calls ``open(marker, "w")``, creating the marker file
+    (any callable would do, e.g. ``os.system``)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _checkpoint_copy(trained, tmp_path):
+    import shutil
+
+    _, output = trained
+    copy = tmp_path / "checkpoint-8"
+    shutil.copytree(output / "checkpoint-8", copy)
+    return copy
+
+
+@pytest.mark.parametrize("filename", ["optimizer.pt", "training_args.bin"])
+def test_a_checkpoint_pickle_that_runs_code_is_refused(trained, tmp_path, filename):
+    from hf_activelr.integrations import model_card
+
+    checkpoint = _checkpoint_copy(trained, tmp_path)
+    model_card.card_from_checkpoint(checkpoint)  # the untouched copy renders
+    marker = tmp_path / "code_ran"
+    torch.save({"state": {}, "param_groups": [], "payload": _RunsCode(marker)},
+               checkpoint / filename)
+    error = None
+    try:
+        model_card.card_from_checkpoint(checkpoint)
+    except Exception as caught:  # checked below, after the marker
+        error = caught
+    assert not marker.exists(), f"unpickling {filename} ran its code"
+    assert isinstance(error, model_card.UnsafeCheckpointError), repr(error)
+    assert str(checkpoint / filename) in str(error) and "io.open" in str(error)
+
+
+def test_checkpoint_files_are_loaded_weights_only(trained, tmp_path, monkeypatch):
+    from hf_activelr.integrations.model_card import card_from_checkpoint
+
+    checkpoint = _checkpoint_copy(trained, tmp_path)
+    calls, load = [], torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    card, _ = card_from_checkpoint(checkpoint)
+    assert calls == [True, True]  # training_args.bin, optimizer.pt
+    assert "transformer.h.*.attn.c_attn.weight" in card.text  # the optimizer state was read
+    assert "| learning_rate | 0.001 |" in card.text  # and the training arguments
+
+
+HF_TOKEN = "hf_" + "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["python", "train.py", "--hub_token", HF_TOKEN, "--lr", "1e-3"],
+     "python train.py --hub_token <redacted> --lr 1e-3"),
+    (["python", "train.py", f"--hub_token={HF_TOKEN}", "--lr", "1e-3"],
+     "python train.py --hub_token=<redacted> --lr 1e-3"),
+    (["python", "t.py", "--api-key", "abc", "--wandb_secret=s3", "--db_password", "pw",
+      "--use_auth_token", "--credentials_file", "c.json", "--output_dir", "out"],
+     "python t.py --api-key <redacted> --wandb_secret=<redacted> --db_password <redacted> "
+     "--use_auth_token --credentials_file <redacted> --output_dir out"),
+    # a token-shaped value is redacted whatever the option, also inside a value
+    (["python", "t.py", "--note", HF_TOKEN, f"--optim_args=a=1,b={HF_TOKEN}"],
+     "python t.py --note <redacted> --optim_args=a=1,b=<redacted>"),
+    # not secrets: tokenizer names and token counts are needed to reproduce the run
+    (["python", "t.py", "--tokenizer_name", "gpt2", "--max_new_tokens", "20", "--push_to_hub"],
+     "python t.py --tokenizer_name gpt2 --max_new_tokens 20 --push_to_hub"),
+    # a recorded command string (old run records, the recipes' " ".join(sys.argv))
+    (f"python train.py --hub_token {HF_TOKEN} --seed 0",
+     "python train.py --hub_token <redacted> --seed 0"),
+])
+def test_redact_command(argv, expected):
+    from hf_activelr.integrations.model_card import redact_command
+
+    assert redact_command(argv) == expected
+    assert redact_command(redact_command(argv)) == expected  # idempotent
+
+
+def _card_trainer(trained, output_dir, **kwargs):
+    """A trainer sharing the trained model and its log history, writing into output_dir."""
+    trainer, _ = trained
+    args = TrainingArguments(str(output_dir), optim="active_adamw", use_cpu=True, report_to=[],
+                             hub_token=None)
+    fresh = hf_activelr.ActiveTrainer(model=trainer.model, args=args, **kwargs)
+    fresh.state.log_history = list(trainer.state.log_history)
+    return fresh
+
+
+def test_secrets_on_the_command_line_stay_off_the_card(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py", "--hub_token", HF_TOKEN,
+                                      "--wandb_api_key=k3y", "--seed", "0"])
+    trainer = _card_trainer(trained, tmp_path / "out")
+    card = trainer.create_model_card()
+    written = [card.text, (tmp_path / "out" / "README.md").read_text(),
+               (tmp_path / "out" / "activelr_run.json").read_text()]
+    for text in written:
+        assert HF_TOKEN not in text and "k3y" not in text
+    assert "python train.py --hub_token <redacted> --wandb_api_key=<redacted> --seed 0" in card.text
+
+
+def test_an_old_run_record_with_a_secret_renders_redacted(trained, tmp_path):
+    from hf_activelr.integrations.model_card import RUN_RECORD, card_from_checkpoint
+
+    checkpoint = _checkpoint_copy(trained, tmp_path)
+    record = json.loads((checkpoint / RUN_RECORD).read_text())
+    record["command"] = f"python train.py --hub_token={HF_TOKEN} --seed 0"
+    (checkpoint / RUN_RECORD).write_text(json.dumps(record))
+    card, _ = card_from_checkpoint(checkpoint)
+    assert HF_TOKEN not in card.text
+    assert "python train.py --hub_token=<redacted> --seed 0" in card.text
+
+
+# --- create_model_card: the stock transformers signature --------------------------------------
+
+
+def test_create_model_card_has_the_stock_signature():
+    """A transformers upgrade that changes the stock signature fails here."""
+    import inspect
+
+    from transformers import Trainer
+
+    def described(function):
+        return [(p.name, p.kind, p.default)
+                for p in inspect.signature(function).parameters.values()]
+
+    ours = described(hf_activelr.ActiveTrainer.create_model_card)
+    assert ours[-1] == ("sweep_table", inspect.Parameter.KEYWORD_ONLY, None)
+    assert ours[:-1] == described(Trainer.create_model_card)
+
+
+STOCK_CARD_ARGS = {
+    "language": "en", "license": "apache-2.0", "tags": ["my-tag", "another-tag"],
+    "model_name": "my-model", "finetuned_from": "openai-community/gpt2",
+    "tasks": "text-generation", "dataset_tags": "Salesforce/wikitext",
+    "dataset": "WikiText", "dataset_args": "wikitext-2-raw-v1",
+}
+
+
+@pytest.mark.parametrize("how", ["positional", "keywords"])
+def test_create_model_card_puts_the_stock_arguments_in_the_card(trained, tmp_path, how):
+    trainer = _card_trainer(trained, tmp_path / "out")
+    if how == "positional":  # the stock order
+        card = trainer.create_model_card(*STOCK_CARD_ARGS.values())
+    else:
+        card = trainer.create_model_card(**STOCK_CARD_ARGS)
+    for loaded in (card, ModelCard.load(tmp_path / "out" / "README.md")):
+        data = loaded.data.to_dict()
+        assert data["language"] == ["en"]
+        assert data["license"] == "apache-2.0"
+        assert {"my-tag", "another-tag", "activelr", "active_adamw"} <= set(data["tags"])
+        assert data["base_model"] == "openai-community/gpt2"
+        assert data["datasets"] == ["Salesforce/wikitext"]
+        name, results = model_index_to_eval_results(data["model-index"])
+        assert name == "my-model" and results
+        for result in results:
+            assert result.task_type == "text-generation"
+            assert result.dataset_type == "Salesforce/wikitext"
+            assert result.dataset_name == "WikiText"
+            assert result.dataset_config == "wikitext-2-raw-v1"
+        text = loaded.text
+        assert text.startswith("\n# my-model\n") or "\n# my-model\n" in text
+        assert "| base model | openai-community/gpt2 |" in text
+        assert "| data | WikiText (Salesforce/wikitext, configuration wikitext-2-raw-v1) |" in text
+        assert "| language | en |" in text and "| license | apache-2.0 |" in text
+
+
+def test_create_model_card_rejects_a_bad_argument_type(trained, tmp_path):
+    trainer = _card_trainer(trained, tmp_path / "out")
+    with pytest.raises(TypeError, match="tags"):
+        trainer.create_model_card(tags=3)

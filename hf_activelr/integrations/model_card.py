@@ -4,14 +4,23 @@ One renderer, two sources: a live ``ActiveTrainer`` (``create_model_card``, henc
 ``push_to_hub``) and a saved checkpoint folder (``hf-activelr card DIR``): both are reduced to
 the same inputs, the log history, the training arguments, the optimizer state dict and the
 run record that ActiveTrainer saves (``activelr_run.json``: command, task, model, data).
+
+A checkpoint folder may come from anyone (a Hub download): its pickles are unpickled with
+``weights_only=True`` (no code runs), and secrets on the recorded command line are redacted
+before they reach a card, which ``push_to_hub`` publishes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import importlib
 import json
 import math
 import pathlib
+import pickle
 import re
+import shlex
 from importlib import resources
 
 import torch
@@ -27,6 +36,64 @@ TASKS = {
 }
 _HIDDEN_GROUP_KEYS = ("params", "param_names", "gain_changes")
 _METRIC_NAMES = {"eval_loss": "loss", "perplexity": "perplexity", "eval_accuracy": "accuracy"}
+
+REDACTED = "<redacted>"
+_SECRET_OPTION_WORDS = ("token", "key", "secret", "passw", "auth", "credential")
+# Option words that hold one of the above but no secret, and are needed to reproduce a run:
+# tokenizer names, token counts (--max_new_tokens), authors, keywords.
+_NOT_SECRET_WORDS = re.compile(r"tokeni[sz]\w*|tokens|authors?|keywords?|keyframes?")
+# Values that are secrets whatever the option: Hugging Face user and org tokens, GitHub and
+# OpenAI tokens, AWS access key ids.
+_SECRET_VALUE = re.compile(
+    r"(?<![A-Za-z0-9])(?:hf_[A-Za-z0-9]{20,}|api_org_[A-Za-z0-9]{20,}"
+    r"|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|sk-[A-Za-z0-9_-]{20,}"
+    r"|AKIA[0-9A-Z]{16})"
+)
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file holds a pickle that could run code when loaded; it is not loaded."""
+
+
+def _is_secret_option(name: str) -> bool:
+    name = _NOT_SECRET_WORDS.sub("", name.lstrip("-").lower())
+    return any(word in name for word in _SECRET_OPTION_WORDS)
+
+
+def redact_command(command: str | list[str]) -> str:
+    """The command line as a shell string, with secrets replaced by ``<redacted>``: the values
+    of options named like a secret (``--hub_token X``, ``--hub_token=X``, ``--api_key``,
+    ``--password``, ...) and anything shaped like a known token (``hf_...``), wherever it is.
+
+    ``command`` is an argv list, or a string (a record written before redaction existed)."""
+    if isinstance(command, str):
+        try:
+            argv = shlex.split(command)
+        except ValueError:  # e.g. an unbalanced quote from a plain " ".join(argv)
+            argv = command.split()
+    else:
+        argv = [str(arg) for arg in command]
+    redacted, secret_next = [], False
+    for arg in argv:
+        if secret_next and not arg.startswith("-"):  # a flag's next option is not its value
+            redacted.append(REDACTED)
+            secret_next = False
+            continue
+        secret_next = False
+        if arg.startswith("-"):
+            name, equals, _ = arg.partition("=")
+            if _is_secret_option(name):
+                if equals:
+                    arg = f"{name}={REDACTED}"
+                else:
+                    secret_next = True
+        redacted.append(_SECRET_VALUE.sub(REDACTED, arg))
+    # Quoted for the shell, except the marker (it stands for a value, it is not one).
+    return " ".join(
+        REDACTED.join(shlex.quote(part) if part else "" for part in arg.split(REDACTED))
+        if REDACTED in arg else shlex.quote(arg)
+        for arg in redacted
+    )
 
 
 def infer_task(config: dict | None, is_adapter: bool) -> str:
@@ -109,36 +176,85 @@ def optimizer_table(optimizer_state: dict) -> tuple[list[dict], list[str]]:
     return groups, keys
 
 
+def string_list(name: str, value) -> list[str]:
+    """``value`` (None, a string or a list of strings, as the stock ``create_model_card`` takes
+    them) as a list; anything else is an error naming ``name``."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise TypeError(f"{name} must be a string or a list of strings, got {value!r}")
+
+
+def _datasets(run: dict) -> list[tuple[str | None, str, str | None]]:
+    """(Hub id, name, configuration) per dataset, paired by position as transformers pairs
+    ``dataset_tags``, ``dataset`` and ``dataset_args``."""
+    ids = string_list("dataset_tags", run.get("dataset_tags"))
+    names = string_list("data", run.get("data"))
+    configs = string_list("dataset_args", run.get("dataset_args"))
+    return [
+        (ids[i] if i < len(ids) else None,
+         names[i] if i < len(names) else ids[i],
+         configs[i] if i < len(configs) else None)
+        for i in range(max(len(ids), len(names)))
+    ]
+
+
+def _dataset_text(hub_id, name, config) -> str:
+    details = [detail for detail in (hub_id if hub_id != name else None,
+                                     config and f"configuration {config}") if detail]
+    return f"{name} ({', '.join(details)})" if details else name
+
+
 def build_card(
     *, log_history, training_args: dict, optimizer_state: dict, run: dict,
     optimizer_class: str = "", model_config: dict | None = None, is_adapter=False,
     repo_id: str | None = None, sweep_table: str | None = None,
 ):
-    """A ``huggingface_hub.ModelCard`` from the run's records."""
+    """A ``huggingface_hub.ModelCard`` from the run's records.
+
+    ``run`` (the run record) may also hold the stock ``create_model_card`` values, under their
+    own names: ``language``, ``license``, ``tags``, ``tasks``, ``dataset_tags``,
+    ``dataset_args``; ``model_name``, ``base_model`` (``finetuned_from``) and ``data``
+    (``dataset``) are the record's own names."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
     from jinja2 import Environment, FileSystemLoader
 
     task = run.get("task") or infer_task(model_config, is_adapter)
     template, pipeline_tag, task_title = TASKS[task]
+    tasks = string_list("tasks", run.get("tasks"))
+    pipeline_tag = pipeline_tag or (tasks[0] if tasks else None)
     optim_name = str(run.get("optim") or training_args.get("optim") or "unknown")
     model_name = run.get("model_name") or repo_id or pathlib.Path(
         training_args.get("output_dir") or "model").name
-    dataset = run.get("data")
+    datasets = _datasets(run)
     base_model = run.get("base_model")
+    languages = string_list("language", run.get("language"))
+    license_ = run.get("license")
+    if license_ is not None and not isinstance(license_, str):
+        raise TypeError(f"license must be a string, got {license_!r}")
     results = final_results(log_history)
     eval_results = [
-        EvalResult(task_type=pipeline_tag or "text-classification",
-                   dataset_type=dataset or "custom",
-                   dataset_name=dataset or "custom", metric_type=_METRIC_NAMES[key],
-                   metric_value=float(value), task_name=task_title)
+        EvalResult(task_type=task_type, task_name=task_title if task_type == pipeline_tag else None,
+                   dataset_type=hub_id or name, dataset_name=name, dataset_config=config,
+                   metric_type=_METRIC_NAMES[key], metric_value=float(value))
+        for task_type in (tasks or [pipeline_tag or "text-classification"])
+        for hub_id, name, config in (datasets or [(None, "custom", None)])
         for key, value in results.items() if key in _METRIC_NAMES
     ]
+    tags = ["activelr", "hf-activelr", optim_name, task]
+    tags += [tag for tag in string_list("tags", run.get("tags")) if tag not in tags]
     card_data = ModelCardData(
         model_name=model_name,
+        language=languages or None,
+        license=license_,
         library_name="peft" if is_adapter else "transformers",
-        tags=["activelr", "hf-activelr", optim_name, task],
+        tags=tags,
         pipeline_tag=pipeline_tag,
-        base_model=base_model if (is_adapter or base_model) else None,
+        base_model=base_model or None,
+        datasets=[hub_id for hub_id, _, _ in datasets if hub_id] or None,
         eval_results=eval_results or None,
     )
     groups, keys = optimizer_table(optimizer_state)
@@ -151,20 +267,27 @@ def build_card(
     steps = [entry.get("step") for entry in log_history if "step" in entry]
     if steps:
         training["optimizer steps"] = max(steps)
+    facts = {"language": ", ".join(languages), "license": license_}
+    facts = {key: value for key, value in facts.items() if value}
+    facts.update({k: _fmt(v) for k, v in (run.get("facts") or {}).items()})
     environment = Environment(
         loader=FileSystemLoader(str(resources.files("hf_activelr.integrations") / "templates")),
         keep_trailing_newline=True,
     )
+    command = run.get("command")
     body = environment.get_template(template).render(
         model_name=model_name, task_title=task_title,
         summary=run.get("summary") or f"A {task_title.lower()} model trained with ActiveLR.",
-        base_model=base_model, dataset=dataset,
-        extra_facts={k: _fmt(v) for k, v in (run.get("facts") or {}).items()},
+        base_model=base_model,
+        dataset="; ".join(_dataset_text(*entry) for entry in datasets) or None,
+        extra_facts=facts,
         optimizer={"name": optim_name, "class": optimizer_class or run.get("optimizer_class", ""),
                    "groups": groups, "rows": keys},
         training=training, results={k: _fmt(v) for k, v in results.items()},
         gains=gain_rows(optimizer_state), boundary_changes=boundary_changes(optimizer_state),
-        sweep_table=sweep_table, command=run.get("command"), repo_id=repo_id or model_name,
+        sweep_table=sweep_table, repo_id=repo_id or model_name,
+        # Records written before redaction existed may hold a raw command line.
+        command=redact_command(command) if command else None,
     )
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 
@@ -183,19 +306,96 @@ def _latest_checkpoint(directory: pathlib.Path) -> pathlib.Path:
     return checkpoints[-1]
 
 
+def _pickled_globals(path: pathlib.Path) -> list[str]:
+    """The ``module.name`` globals the pickle in ``path`` references beyond torch's default
+    weights-only ones; it reads the opcodes and runs nothing. [] for the pre-1.6 file format,
+    which it cannot read (torch.load weights-only still checks those)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except ValueError:
+        return []
+
+
+def _load_weights_only(path: pathlib.Path, allowed: list | tuple = ()):
+    """``torch.load`` with ``weights_only=True`` (tensors and plain Python values, plus the
+    ``allowed`` classes): a pickle that would call anything else is refused, not run."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        allowed_names = {f"{cls.__module__}.{cls.__qualname__}" for cls in allowed}
+        extra = [name for name in _pickled_globals(path) if name not in allowed_names]
+        # torch's message ends by suggesting to allow the global: not advice to pass on here.
+        reason = (f"it references {', '.join(extra)}" if extra else
+                  str(error).split("WeightsUnpickler error: ")[-1].split(". Please")[0].strip())
+        raise UnsafeCheckpointError(
+            f"{path} holds more than tensors and plain Python values ({reason}), which the "
+            "Trainer does not save there: refusing to unpickle it, as that could run code"
+        ) from None
+
+
+# The modules whose classes a pickled TrainingArguments references (its enums, the
+# AcceleratorConfig dataclass, accelerate's PartialState and DistributedType).
+_TRAINING_ARGS_MODULES = (
+    "transformers.training_args", "transformers.training_args_seq2seq",
+    "transformers.trainer_utils", "transformers.trainer_pt_utils", "transformers.debug_utils",
+    "accelerate.state", "accelerate.utils.dataclasses",
+)
+
+
+def _training_args_class(name: str):
+    """The class ``module.Class`` if a TrainingArguments pickle may hold it, else None: an enum,
+    a dataclass (TrainingArguments itself) or accelerate's PartialState, from the modules above
+    only (the module is imported only if it is one of them). Unpickling them sets attributes
+    (or looks an enum member up): their code is not given the pickle's choice of callable."""
+    module, _, attribute = name.rpartition(".")
+    if module not in _TRAINING_ARGS_MODULES:
+        return None
+    cls = getattr(importlib.import_module(module), attribute, None)
+    if not isinstance(cls, type):
+        return None
+    if issubclass(cls, enum.Enum) or dataclasses.is_dataclass(cls) or name == (
+            "accelerate.state.PartialState"):
+        return cls
+    return None
+
+
+def _load_training_args(path: pathlib.Path) -> dict:
+    """The Trainer's ``training_args.bin`` (a pickled TrainingArguments) as a dict, unpickled
+    weights-only with exactly the classes it references allowed, if all are ones above."""
+    allowed = []
+    for name in _pickled_globals(path):
+        cls = _training_args_class(name)
+        if cls is None:
+            raise UnsafeCheckpointError(
+                f"{path} references {name}, which is not part of a pickled TrainingArguments: "
+                "refusing to unpickle it, as that could run arbitrary code"
+            )
+        allowed.append(cls)
+    from transformers import TrainingArguments
+
+    args = _load_weights_only(path, allowed)
+    if not isinstance(args, TrainingArguments):
+        raise UnsafeCheckpointError(f"{path} holds a {type(args).__name__}, not the "
+                                    "TrainingArguments the Trainer saves there")
+    return args.to_dict()
+
+
 def card_from_checkpoint(directory, repo_id=None, sweep_table=None):
-    """Render the card of a saved checkpoint (or the latest ``checkpoint-*`` inside)."""
+    """Render the card of a saved checkpoint (or the latest ``checkpoint-*`` inside).
+
+    The folder may come from anyone: its pickles are loaded weights-only (see
+    ``_load_weights_only``); one that would run code raises ``UnsafeCheckpointError``."""
     directory = _latest_checkpoint(pathlib.Path(directory))
     trainer_state = json.loads((directory / "trainer_state.json").read_text())
     training_args = {}
     if (directory / "training_args.bin").exists():
-        # Our own file, written by the Trainer: a pickled TrainingArguments.
-        args = torch.load(directory / "training_args.bin", weights_only=False)
-        training_args = args.to_dict()
+        training_args = _load_training_args(directory / "training_args.bin")
     optimizer_state = {}
     if (directory / "optimizer.pt").exists():
-        optimizer_state = torch.load(directory / "optimizer.pt", map_location="cpu",
-                                     weights_only=False)
+        # An optimizer state dict is tensors, numbers, strings, None, tuples, lists and dicts
+        # (param groups: betas tuples, param_names lists, period "epoch"): no class to allow.
+        optimizer_state = _load_weights_only(directory / "optimizer.pt")
     run = {}
     for candidate in (directory / RUN_RECORD, directory.parent / RUN_RECORD):
         if candidate.exists():

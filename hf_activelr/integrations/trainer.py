@@ -46,8 +46,14 @@ class ActiveTrainer(Trainer):
     """
 
     def __init__(self, *args, run_info: dict | None = None, **kwargs):
+        from .model_card import redact_command
+
         super().__init__(*args, **kwargs)
-        self.run_info = {"command": " ".join(["python", *sys.argv]), **(run_info or {})}
+        self.run_info = {"command": ["python", *sys.argv], **(run_info or {})}
+        # The command goes into the run record and the card (both pushed to the Hub): no
+        # --hub_token or other secret in it, whether ours or one given in run_info.
+        if self.run_info.get("command"):
+            self.run_info["command"] = redact_command(self.run_info["command"])
         if not any(isinstance(cb, ActivePeriodCallback)
                    for cb in self.callback_handler.callbacks):
             self.add_callback(ActivePeriodCallback)
@@ -73,27 +79,60 @@ class ActiveTrainer(Trainer):
         else:
             self.save_model(output_dir)
 
-    def write_run_record(self, folder: str) -> None:
-        from .model_card import RUN_RECORD
+    def write_run_record(self, folder: str, run: dict | None = None) -> None:
+        """Save ``run`` (default: ``run_info``) with the optimizer's name and class as
+        ``activelr_run.json`` in ``folder``, for ``hf-activelr card``."""
+        from .model_card import RUN_RECORD, redact_command
 
         active = unwrap_active(self.optimizer)
         record = {"optim": str(getattr(self.args.optim, "value", self.args.optim)),
                   "optimizer_class": type(active).__name__ if active is not None else None,
-                  **self.run_info}
+                  **(self.run_info if run is None else run)}
+        if record.get("command"):  # run_info may have been changed since __init__
+            record["command"] = redact_command(record["command"])
         with open(os.path.join(folder, RUN_RECORD), "w") as handle:
             json.dump(record, handle, indent=2, default=str)
 
-    def create_model_card(self, model_name=None, *args, sweep_table=None, **kwargs):
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        *,
+        sweep_table: str | None = None,
+    ):
         """Write the ActiveLR model card (README.md) to ``output_dir``; ``push_to_hub`` calls
-        this before uploading. Extra keyword arguments of the stock signature are accepted."""
-        from .model_card import build_card
+        this before uploading, and returns the ``ModelCard``.
+
+        The stock ``Trainer.create_model_card`` signature (transformers' example scripts and
+        ``push_to_hub(**kwargs)`` pass it): ``language``, ``license``, ``tags`` (added to
+        ours), ``finetuned_from`` (the base model), ``tasks``, ``dataset_tags`` (Hub dataset
+        ids), ``dataset`` (their names) and ``dataset_args`` (their configurations) go into
+        the card's metadata and text, and override ``run_info``; ``sweep_table``: a markdown
+        LR-sweep table to include. They are also saved in the run record in ``output_dir``."""
+        from .model_card import build_card, string_list
 
         if not self.is_world_process_zero():
             return None
+        given = {"language": language, "license": license, "tags": tags,
+                 "model_name": model_name, "base_model": finetuned_from, "tasks": tasks,
+                 "dataset_tags": dataset_tags, "data": dataset, "dataset_args": dataset_args}
+        stock_names = {"base_model": "finetuned_from", "data": "dataset"}
+        for key, value in given.items():
+            if key in ("license", "model_name", "base_model"):
+                if value is not None and not isinstance(value, str):
+                    raise TypeError(f"{stock_names.get(key, key)} must be a string, "
+                                    f"got {value!r}")
+            else:
+                string_list(stock_names.get(key, key), value)
         active = unwrap_active(self.optimizer)
-        run = dict(self.run_info)
-        if model_name:
-            run["model_name"] = model_name
+        run = {**self.run_info, **{key: value for key, value in given.items() if value}}
         run.setdefault("optim", str(getattr(self.args.optim, "value", self.args.optim)))
         config = getattr(getattr(self.model, "config", None), "to_dict", lambda: None)()
         card = build_card(
@@ -105,7 +144,7 @@ class ActiveTrainer(Trainer):
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, "README.md"))
-        self.write_run_record(self.args.output_dir)
+        self.write_run_record(self.args.output_dir, run)
         return card
 
     def gain_log(self) -> dict:
