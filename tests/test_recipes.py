@@ -154,8 +154,11 @@ def test_vit_classification_recipe(tmp_path):
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         events = next((tmp_path / "runs").rglob("events.out.tfevents.*"))
-        tags = EventAccumulator(str(events.parent)).Reload().Tags()["scalars"]
-        assert "train/gain/group0/median" in tags, tags
+        tags = EventAccumulator(str(events.parent)).Reload().Tags()
+        assert "train/gain/group0/median" in tags["scalars"], tags
+        # gains per layer type, the ViT's blocks starred (one histogram for all blocks)
+        starred = [tag for tag in tags["histograms"] if tag.startswith("gain/") and ".*." in tag]
+        assert any("attention" in tag for tag in starred), tags["histograms"]
 
 
 @needs_sklearn

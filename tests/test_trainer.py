@@ -21,6 +21,7 @@ import hf_utils
 import pytest
 import torch
 import transformers
+from transformers.trainer_callback import PrinterCallback
 from hf_utils import (
     FAST,
     active_optimizer,
@@ -343,6 +344,37 @@ def test_active_trainer_logs_gain_statistics(tmp_path):
     # evaluation-style logs (no "loss") get no gain entries; the summary neither
     summary = trainer.state.log_history[-1]
     assert "train_loss" in summary and not any(k.startswith("gain/") for k in summary)
+
+
+def test_console_shows_one_median_per_group_and_a_table_at_the_end(tmp_path, capsys):
+    """The full gain/... set goes to log_history and report_to; the printed log lines carry one
+    ``gain_median`` field instead, and the end of training prints the gains as a table."""
+    from hf_activelr.integrations.callbacks import ActivePrinterCallback, gain_table
+
+    trainer = make_trainer(tmp_path, n=8, trainer_cls=ActiveTrainer, num_train_epochs=3,
+                           logging_steps=4, disable_tqdm=True)
+    kinds = [type(cb) for cb in trainer.callback_handler.callbacks]
+    assert ActivePrinterCallback in kinds and PrinterCallback not in kinds
+    trainer.train()
+    out = capsys.readouterr().out
+    printed = [line for line in out.splitlines() if "'loss'" in line]
+    assert printed and all("gain_median" in line and "gain/" not in line for line in printed)
+    stats = active_optimizer(trainer).gain_stats()
+    assert f"'gain_median': '{stats[0]['median']:.3g} {stats[1]['median']:.3g}'" in printed[-1]
+    table = gain_table(trainer.optimizer)
+    assert f"ActiveLR gains at step {trainer.state.global_step}:\n{table}" in out
+    rows = [line for line in table.splitlines()[2:]]
+    assert len(rows) == 2 and rows[0].startswith(f"| 0 | {stats[0]['elements']} |")
+    # the full set is still logged
+    assert "gain/group1/shrank" in [h for h in trainer.state.log_history if "loss" in h][-1]
+
+
+def test_layer_type_stars_block_indices():
+    from hf_activelr.integrations.callbacks import layer_type
+
+    assert layer_type("transformer.h.3.attn.c_attn.weight") == "transformer.h.*.attn.c_attn.weight"
+    assert layer_type("layers.10.0.weight") == "layers.*.*.weight"
+    assert layer_type("lm_head.weight") == "lm_head.weight"
 
 
 def test_stock_trainer_does_not_add_gain_logs(tmp_path):

@@ -9,7 +9,16 @@ import sys
 from transformers import Trainer, TrainerCallback
 
 from ..optim._mixin import unwrap_active
-from .callbacks import ActivePeriodCallback, updates_per_epoch  # noqa: F401  (public here)
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from .callbacks import (  # noqa: F401  (updates_per_epoch: public here)
+    ActivePeriodCallback,
+    ActivePrinterCallback,
+    ActiveProgressCallback,
+    GainHistogramCallback,
+    GainSummaryCallback,
+    updates_per_epoch,
+)
 
 
 class _RunRecordCallback(TrainerCallback):
@@ -58,6 +67,15 @@ class ActiveTrainer(Trainer):
                    for cb in self.callback_handler.callbacks):
             self.add_callback(ActivePeriodCallback)
         self.add_callback(_RunRecordCallback(self))
+        # The console shows one median per group (the full gain/... set still reaches the
+        # report_to backends), a table of the gains at the end, and TensorBoard histograms.
+        for stock, compact in ((ProgressCallback, ActiveProgressCallback),
+                               (PrinterCallback, ActivePrinterCallback)):
+            if any(type(cb) is stock for cb in self.callback_handler.callbacks):
+                self.callback_handler.pop_callback(stock)
+                self.add_callback(compact)
+        self.add_callback(GainSummaryCallback)
+        self.add_callback(GainHistogramCallback(self))
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
