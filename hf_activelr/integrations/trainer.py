@@ -7,10 +7,9 @@ import os
 import sys
 
 from transformers import Trainer, TrainerCallback
-
-from ..optim._mixin import unwrap_active
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from ..optim._mixin import unwrap_active
 from .callbacks import (  # noqa: F401  (updates_per_epoch: public here)
     ActivePeriodCallback,
     ActivePrinterCallback,
