@@ -66,3 +66,100 @@ def test_fused_does_not_recompile_per_step_or_shape():
     before = dynamo_utils.counters["stats"]["unique_graphs"]
     _run(hal.ActiveAdamW, {}, True, torch.float32, steps=12)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == before
+
+
+def test_recompile_limit_uses_the_name_this_torch_has(monkeypatch):
+    """A torch whose torch.compile takes no ``recompile_limit`` gets the global limit raised,
+    under the name that exists (torch 2.4 and 2.6: only ``cache_size_limit``), never lowered."""
+    import types
+
+    import torch._dynamo
+
+    from hf_activelr.optim import _fused
+
+    def delta(param, grad):
+        return -grad
+
+    monkeypatch.setattr(_fused, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=None, fullgraph=False: fn)
+    old = types.SimpleNamespace(cache_size_limit=8)
+    monkeypatch.setattr(torch._dynamo, "config", old)
+    _fused._compiled_for(delta)
+    assert old.cache_size_limit == _fused._RECOMPILE_LIMIT
+    assert not hasattr(old, "recompile_limit")
+    new = types.SimpleNamespace(recompile_limit=8, cache_size_limit=8)
+    monkeypatch.setattr(torch._dynamo, "config", new)
+    _fused._compiled_for(delta, suffix="_other")
+    assert new.recompile_limit == _fused._RECOMPILE_LIMIT
+    high = types.SimpleNamespace(recompile_limit=1000)
+    monkeypatch.setattr(torch._dynamo, "config", high)
+    _fused._compiled_for(delta, suffix="_third")
+    assert high.recompile_limit == 1000
+
+
+def test_recompile_limit_is_per_function_where_torch_compile_takes_one(monkeypatch):
+    """Where torch.compile takes ``recompile_limit``, the compiled step gets its own and the
+    global config is not touched."""
+    import types
+
+    import torch._dynamo
+
+    from hf_activelr.optim import _fused
+
+    def delta(param, grad):
+        return -grad
+
+    calls = []
+
+    def compile_with_limit(fn, *, dynamic=None, fullgraph=False, recompile_limit=None):
+        calls.append((fn.__name__, fullgraph, recompile_limit))
+        return fn
+
+    monkeypatch.setattr(_fused, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", compile_with_limit)
+    config = types.SimpleNamespace(recompile_limit=8)
+    monkeypatch.setattr(torch._dynamo, "config", config)
+    _fused._compiled_for(delta)
+    _fused._compiled_for(delta)  # cached: compiled once
+    assert calls == [("active_delta", True, _fused._RECOMPILE_LIMIT)]
+    assert config.recompile_limit == 8
+
+
+def test_import_leaves_dynamo_alone():
+    """``import hf_activelr`` neither imports torch._dynamo nor changes its config, and does
+    not compile; after a fused step the global limit is unchanged where torch.compile takes a
+    limit of its own, else raised."""
+    import inspect
+    import subprocess
+    import sys
+
+    from hf_activelr.optim import _fused
+
+    read_limit = (
+        "import torch._dynamo.config as config\n"
+        "name = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'\n"
+    )
+
+    def run(script):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return [int(word) for word in result.stdout.split()]
+
+    (default,) = run(read_limit + "print(getattr(config, name))")
+    after_import, after_step = run(
+        "import sys, torch, hf_activelr, hf_activelr.optim._fused as fused\n"
+        "assert 'torch._dynamo' not in sys.modules, 'imported torch._dynamo'\n"
+        "assert fused._COMPILED == {}\n"
+        + read_limit +
+        "print(getattr(config, name))\n"
+        "p = torch.nn.Parameter(torch.ones(3))\n"
+        "opt = hf_activelr.ActiveAdamW([p], lr=1e-3, period=2, fused=True)\n"
+        "p.grad = torch.ones(3)\n"
+        "opt.step()\n"
+        "assert len(fused._COMPILED) == 1\n"
+        "print(getattr(config, name))\n"
+    )
+    assert after_import == default
+    own_limit = "recompile_limit" in inspect.signature(torch.compile).parameters
+    assert after_step == (default if own_limit else max(default, _fused._RECOMPILE_LIMIT))

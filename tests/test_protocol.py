@@ -82,6 +82,27 @@ def test_summary_measures_against_the_base_at_its_best_lr(tmp_path):
     assert (tmp_path / "protocol_gains_gpt2-text_linear.png").exists()
 
 
+def test_base_best_lr_is_never_a_point_where_a_seed_diverged():
+    """The base's best LR, and every row's best, skip an LR where any seed diverged (the
+    surviving seeds' mean is not a result); where every LR has one, the best is inf."""
+    records = []
+    for seed in (0, 1):
+        records += [
+            _record("gpt2-text", "adamw_torch", 1e-3, seed, 2.0 + 0.01 * seed),
+            # Seed 1 beats every other run here, but seed 0 diverged.
+            _record("gpt2-text", "adamw_torch", 1e-2, seed, 9.0 if seed == 0 else 1.5,
+                    diverged=seed == 0),
+            _record("gpt2-text", "active_adamw", 1e-3, seed, 9.0, diverged=True),
+            _record("gpt2-text", "active_adamw", 1e-2, seed, 9.0, diverged=seed == 1),
+        ]
+    (block,) = protocol.summarize(records)
+    assert block["best_lr"] == 1e-3
+    rows = {row["optim"]: row for row in block["rows"]}
+    assert math.isclose(rows["adamw_torch"]["best"], 2.005)
+    assert rows["active_adamw"]["best"] == math.inf
+    assert rows["active_adamw"]["spread"] == math.inf
+
+
 def test_a_loss_beyond_tolerance_is_reported_worse():
     records = [_record("vit-digits", "adamw_torch", 1e-3, s, 0.10 + 0.01 * s) for s in (0, 1)]
     records += [_record("vit-digits", "active_adamw", 1e-3, s, 0.2) for s in (0, 1)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import math
 import subprocess
@@ -50,6 +51,74 @@ def test_missing_peer_names_the_package(monkeypatch):
     assert sweep.default_optimizers() == ["active_adamw", "active_adamw_paper", "adamw_torch"]
 
 
+class _FakePeer:
+    """A peer optimizer's signature: typed defaults, untyped ones, no ``**kwargs``."""
+
+    def __init__(self, params, lr=1e-3, d_coef=1.0, slice_p=1, decouple=True, name="adam",
+                 betas=(0.9, 0.999), beta3=None):
+        pass
+
+
+class _FakePeerWithKwargs:
+    def __init__(self, params, lr=1e-3, **extra):
+        pass
+
+
+@pytest.fixture
+def fake_peers(monkeypatch):
+    module = type(sys)("fake_peer_module")
+    module.__spec__ = importlib.machinery.ModuleSpec("fake_peer_module", None)
+    module.FakePeer, module.FakePeerWithKwargs = _FakePeer, _FakePeerWithKwargs
+    monkeypatch.setitem(sys.modules, "fake_peer_module", module)
+    monkeypatch.setitem(sweep.PEERS, "fake", ("fake_peer_module", "FakePeer", "fake", {}))
+    monkeypatch.setitem(sweep.PEERS, "fake_kw", ("fake_peer_module", "FakePeerWithKwargs",
+                                                 "fake", {}))
+
+
+@pytest.mark.parametrize("options, expected", [
+    ("", {}),
+    ("beta3=", {"beta3": ""}),  # an empty value stays a string: no JSON guess to crash
+    ("beta3=tanh", {"beta3": "tanh"}),
+    ("beta3=.5", {"beta3": 0.5}),
+    ("beta3=1e-3", {"beta3": 1e-3}),
+    ("beta3=true", {"beta3": True}),
+    ("beta3=none", {"beta3": None}),
+    ("beta3=3", {"beta3": 3}),
+    ("d_coef=1", {"d_coef": 1.0}),  # typed by the signature's default: a float
+    ("decouple=false,name=tanh", {"decouple": False, "name": "tanh"}),
+    ("slice_p=2", {"slice_p": 2}),
+    ("slice_p=0.5", {"slice_p": 0.5}),  # an int default also takes a float (torch's SGD)
+    (" d_coef = 2 , beta3 = none ", {"d_coef": 2.0, "beta3": None}),
+])
+def test_peer_options_use_the_one_parser(fake_peers, options, expected):
+    cls, kwargs = sweep._peer_optimizer(f"fake:{options}", 0.1)
+    assert cls is _FakePeer
+    assert kwargs == {"lr": 0.1, **expected}
+    assert [type(v) for v in kwargs.values()] == [type(v) for v in {"lr": 0.1, **expected}
+                                                  .values()]
+
+
+def test_peer_option_errors_are_clear(fake_peers):
+    with pytest.raises(ValueError, match=r"unknown option 'd_cof' for peer 'fake'.*d_coef"):
+        sweep._peer_optimizer("fake:d_cof=1", 0.1)
+    with pytest.raises(ValueError, match="unknown option 'd_cof' for peer 'fake'"):
+        sweep.check_optimizer("fake:d_cof=1")  # before any training
+    with pytest.raises(ValueError, match=r"'fake:d_coef=fast': option d_coef='fast': expected a"):
+        sweep._peer_optimizer("fake:d_coef=fast", 0.1)
+    with pytest.raises(ValueError, match="expected key=value"):
+        sweep._peer_optimizer("fake:d_coef", 0.1)
+    with pytest.raises(ValueError, match="given twice"):
+        sweep._peer_optimizer("fake:d_coef=1,d_coef=2", 0.1)
+    # A peer that takes **kwargs accepts any key, its value guessed.
+    assert sweep._peer_optimizer("fake_kw:anything=.5", 0.1)[1] == {"lr": 0.1, "anything": 0.5}
+
+
+def test_builtin_peer_options():
+    cls, kwargs = sweep._peer_optimizer("sgd_momentum:weight_decay=1e-4,nesterov=true", 0.1)
+    assert kwargs == {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True}
+    cls([__import__("torch").nn.Parameter(__import__("torch").zeros(1))], **kwargs)
+
+
 def _record(optim, lr, seed, loss, diverged=False):
     return {"task": "t", "optim": optim, "lr": lr, "batch_size": 8, "seed": seed,
             "epochs": 1, "eval_loss": loss, "diverged": diverged}
@@ -69,6 +138,23 @@ def test_summary_best_worst_spread_and_divergence():
     table = sweep.markdown(list(summary.values()))
     assert "| a | 1.500 ± 0.500 | 4.000 ± 1.000 | 1.500 | 4.000 | 2.500 |" in table
     assert "diverged (1/2)" in table and "| inf | inf |" in table
+
+
+def test_summary_best_skips_points_where_a_seed_diverged():
+    """A point where any seed diverged is infinite for ``worst`` and no candidate for ``best``
+    (its surviving seeds' mean is not a result); every point diverged: best is inf."""
+    records = [
+        _record("b", 1e-3, 0, 0.5), _record("b", 1e-3, 1, 0.5),
+        # The surviving seed's 0.2 beats every other point, but its other seed diverged.
+        _record("b", 1e-1, 0, float("nan"), diverged=True), _record("b", 1e-1, 1, 0.2),
+        _record("c", 1e-3, 0, 9.0, diverged=True), _record("c", 1e-1, 0, 8.0, diverged=True),
+    ]
+    summary = {row["optim"]: row for row in sweep.summarize(records)}
+    assert summary["b"]["best"] == 0.5 and summary["b"]["worst"] == math.inf
+    assert summary["c"]["best"] == math.inf and summary["c"]["worst"] == math.inf
+    assert summary["c"]["spread"] == math.inf and summary["c"]["diverged_points"] == 2
+    assert "| c | diverged (1/1) | diverged (1/1) | inf | inf | inf |" in sweep.markdown(
+        [summary["c"]])
 
 
 def test_reports_are_standard_json(tmp_path, monkeypatch):

@@ -150,7 +150,13 @@ def _std(values):
 
 def summarize(records: list[dict], quick: bool = False) -> list[dict]:
     """Per arm and schedule: the base's best LR and tolerance, and per optimizer its loss at
-    that LR, best, worst, spread, divergences, gain health at the base's best LR, wall time."""
+    that LR, best, worst, spread, divergences, gain health at the base's best LR, wall time.
+
+    An LR where any seed diverged counts as infinite loss, as in :func:`sweep.summarize`: it
+    is never the base's best LR nor a row's ``best``, and it makes ``worst`` and ``spread``
+    infinite (where every LR has one, ``best`` is infinite too). Only where every LR of the
+    base has a diverged seed is the base's best LR the one with the lowest mean over the
+    other seeds (a reference point is needed; its row shows the divergences)."""
     all_arms = arms(quick)
     blocks: dict = {}
     for record in records:
@@ -164,9 +170,9 @@ def summarize(records: list[dict], quick: bool = False) -> list[dict]:
     for (label, base), by_optim in blocks.items():
         if base not in by_optim:
             continue
-        base_means = {lr: _mean([r["eval_loss"] if not r["diverged"] else math.inf
-                                 for r in runs]) for lr, runs in by_optim[base].items()}
-        best_lr = min(base_means, key=base_means.get)
+        base_runs = by_optim[base]
+        best_lr = min(base_runs, key=lambda lr: (any(r["diverged"] for r in base_runs[lr]),
+                                                 _mean([r["eval_loss"] for r in base_runs[lr]])))
         tolerance = _std([r["eval_loss"] for r in by_optim[base][best_lr]])
         rows = []
         for optim, by_lr in by_optim.items():
@@ -184,7 +190,8 @@ def summarize(records: list[dict], quick: bool = False) -> list[dict]:
                 "at_base_best_std": _std([r["eval_loss"] for r in at_best]),
                 "diverged_at_base_best": sum(r["diverged"] for r in at_best),
                 "best": min(means.values()), "worst": max(means.values()),
-                "spread": max(means.values()) - min(means.values()),
+                "spread": (max(means.values()) - min(means.values())
+                           if math.isfinite(min(means.values())) else math.inf),
                 "diverged_runs": diverged,
                 "runs": sum(len(runs) for runs in by_lr.values()),
                 "seeds": len({r["seed"] for runs in by_lr.values() for r in runs}),

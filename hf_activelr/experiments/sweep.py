@@ -13,7 +13,9 @@ where it stopped. The sweep writes ``sweep.json`` (every run and the summary), `
 
 Optimizers are given as Trainer names (``active_adamw``, ``adamw_torch``,
 ``schedule_free_adamw``...) or peers with no Trainer name (``prodigy``, ``dadapt_adam``), with
-optional ``optim_args`` after a colon: ``"active_adamw:preset=paper"``. A run whose loss becomes
+optional ``optim_args`` after a colon: ``"active_adamw:preset=paper"``, ``"prodigy:d_coef=0.5"``
+(read by the package's one ``key=value`` parser, :mod:`hf_activelr.optim.config`; a peer's
+values are typed by its class's signature defaults). A run whose loss becomes
 non-finite, or whose final eval loss is worse than a uniform guess (``chance_loss``), is
 counted as diverged.
 """
@@ -21,6 +23,7 @@ counted as diverged.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import math
 import multiprocessing
@@ -32,6 +35,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+from ..optim.config import parse_value, split_options
 from .reporting import write_json
 
 DEFAULT_LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -92,15 +96,6 @@ def split_optim(spec: str) -> tuple[str, str | None]:
     return name, options or None
 
 
-def _option_pairs(spec: str) -> dict[str, str]:
-    """``"name:a=1,b=x"`` -> ``{"a": "1", "b": "x"}`` (the strings ``optim_args`` holds)."""
-    _, options = split_optim(spec)
-    items = [item.split("=", 1) for item in options.split(",")] if options else []
-    if any(len(item) != 2 for item in items):
-        raise ValueError(f"optimizer {spec!r}: options must be key=value,key=value")
-    return dict(items)
-
-
 def check_optimizer(spec: str) -> None:
     """Fail before any training when a name is unknown or a peer is not installed."""
     from transformers.training_args import OptimizerNames
@@ -112,6 +107,7 @@ def check_optimizer(spec: str) -> None:
         module, _, package, _ = PEERS[name]
         if importlib.util.find_spec(module) is None:
             raise ValueError(f"optimizer {name!r} needs `pip install {package}`")
+        _peer_optimizer(spec, 1e-3)  # an unknown or malformed option fails now
         return
     if name in TRAINER_PEERS and importlib.util.find_spec(TRAINER_PEERS[name]) is None:
         raise ValueError(f"optimizer {name!r} needs `pip install {TRAINER_PEERS[name]}`")
@@ -135,21 +131,45 @@ def resolved_settings(spec: str) -> dict | None:
     stored with each run: a finished run is redone when they change (e.g. a new preset)."""
     from ..integrations import registry
 
-    name, _ = split_optim(spec)
+    name, options = split_optim(spec)
     if name not in registry.available_optimizers():
         return None
     entry = registry.get(name)
-    settings = {**entry.defaults, **registry.parse_options(entry, _option_pairs(spec))}
+    settings = {**entry.defaults, **registry.parse_options(entry, split_options(options))}
     return json.loads(json.dumps(settings))  # as a stored record reads it back (lists, not tuples)
 
 
 def _peer_optimizer(spec: str, lr: float):
-    name, _ = split_optim(spec)
+    """The class and keyword arguments of peer ``spec`` (``"prodigy:d_coef=0.5"``) at ``lr``.
+
+    Options are split and parsed by the package's one parser (:func:`split_options`,
+    :func:`parse_value`): a key whose default in the class's signature is a bool, int, float
+    or str is parsed as that type (an int default also takes a float: torch's SGD declares
+    ``momentum=0``); any other key's value is guessed (None, bool, int, float, else string).
+    A key the signature does not have is an error, unless the class takes ``**kwargs``."""
+    name, options = split_optim(spec)
     module, cls_name, _, defaults = PEERS[name]
     cls = getattr(importlib.import_module(module), cls_name)
+    parameters = inspect.signature(cls).parameters
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    valid = [key for key, p in parameters.items() if key not in ("self", "params")
+             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     kwargs = {"lr": lr, **defaults}
-    for key, value in _option_pairs(spec).items():
-        kwargs[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
+    for key, text in split_options(options).items():
+        if key not in valid and not open_ended:
+            raise ValueError(f"optimizer {spec!r}: unknown option {key!r} for peer {name!r} "
+                             f"({cls.__module__}.{cls.__qualname__}); valid: {', '.join(valid)}")
+        default = parameters[key].default if key in parameters else None
+        kind = type(default) if isinstance(default, (bool, int, float, str)) else None
+        try:
+            try:
+                kwargs[key] = parse_value(key, text, kind)
+            except ValueError:
+                if kind is not int:
+                    raise
+                kwargs[key] = parse_value(key, text, float)
+        except ValueError as error:
+            raise ValueError(f"optimizer {spec!r}: {error}") from None
     return cls, kwargs
 
 
@@ -410,7 +430,12 @@ def _point_of(record: dict) -> Point:
 def summarize(records: list[dict], axis: str = "lr") -> list[dict]:
     """Per (task, optimizer): the mean final eval loss over seeds at each ``axis`` value
     (``lr`` or ``batch_size``), ``best``, ``worst``, ``spread`` = worst - best, and the points
-    where any seed diverged (a diverged point makes ``worst`` and ``spread`` infinite)."""
+    where any seed diverged.
+
+    A point where any seed diverged counts as infinite loss for both ``best`` and ``worst``:
+    it makes ``worst`` and ``spread`` infinite and is never the ``best`` (the mean of its
+    surviving seeds is not a result). Where every point diverged, ``best``, ``worst`` and
+    ``spread`` are all infinite."""
     groups: dict[tuple, dict] = {}
     for record in records:
         row = groups.setdefault((record["task"], record["optim"]), {})
@@ -430,10 +455,10 @@ def summarize(records: list[dict], axis: str = "lr") -> list[dict]:
                 "lr": runs[0]["lr"],
             })
         means = [p["mean"] if not p["diverged"] else math.inf for p in points]
-        best = min(p["mean"] for p in points)
-        worst = max(means)
+        best, worst = min(means), max(means)
+        spread = worst - best if math.isfinite(best) else math.inf  # not inf - inf = nan
         summary.append({"task": task, "optim": optim, "axis": axis, "points": points,
-                        "best": best, "worst": worst, "spread": worst - best,
+                        "best": best, "worst": worst, "spread": spread,
                         "diverged_points": sum(1 for p in points if p["diverged"])})
     return summary
 

@@ -6,19 +6,51 @@ that reads the parameter, gradient, base state, gain and running sum once and wr
 compilation serves every parameter of a variant. Float hyperparameters (lr, bias corrections)
 enter as 0-d tensors, made once per step for all the parameters that share them, so schedulers
 changing ``lr`` do not recompile and each call stays cheap.
+
+Global side effects: none at import (``import hf_activelr`` does not even import
+``torch._dynamo``); what follows happens once per variant, at its first fused step, in
+:func:`_compiled_for`:
+
+- each variant's step function gets its own copy of the code object, named after the
+  variant (``active_<delta_fn>``; ``_chunk`` for the chunked path). Dynamo caches compiled
+  graphs per code object, with a recompile limit per code object: sharing one code object,
+  every variant (AdamW, SGD, AdaBelief...) would count against the same limit and each call
+  would check the others' guards. The copies live only in this module's ``_COMPILED``; no
+  function of torch or of the user is renamed or changed.
+- the recompile limit is raised to ``_RECOMPILE_LIMIT`` graphs per variant: one variant
+  legitimately needs a graph per dtype x option set (amsgrad, rectified, significance...) x
+  flat or strided layout, more than Dynamo's default 8, and with ``fullgraph=True`` going past
+  the limit is an error, not a fallback to eager. Where ``torch.compile`` takes a
+  ``recompile_limit`` of its own (recent torch, e.g. 2.13) it is given there and nothing global
+  changes. Older releases have only the process-wide setting,
+  ``torch._dynamo.config.recompile_limit`` (``cache_size_limit`` in older ones), read when
+  Dynamo compiles inside the compiled call: it is raised once to at least
+  ``_RECOMPILE_LIMIT``, never lowered (cheaper than patching the config around every call:
+  one call per parameter or chunk, every step).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
 from . import rule
 
 _COMPILED: dict = {}
-# Graphs per variant: dtypes x options (amsgrad, rectified or not, ...) x flat or strided.
-# Dynamo's limit is global and read when it compiles; raising it once (never lowering it)
-# is cheaper than patching the config around every call.
+# Graphs per variant: dtypes x options (amsgrad, rectified or not, ...) x flat or strided
+# (the module docstring says why the limit is raised, and where).
 _RECOMPILE_LIMIT = 64
+
+
+def _raise_recompile_limit() -> None:
+    """Raise Dynamo's global per-code-object recompile limit to ``_RECOMPILE_LIMIT`` (never
+    lower it), for a torch whose ``torch.compile`` has no ``recompile_limit`` argument. The
+    setting's name: ``recompile_limit`` in recent torch (2.13 keeps ``cache_size_limit`` as an
+    alias), only ``cache_size_limit`` in older ones (2.4, 2.6): use the name that exists."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
 
 
 def _fused_step_impl(delta_fn, param, grad, gain, grad_sum, tensors, scalars, alpha,
@@ -43,10 +75,14 @@ def _compiled_for(delta_fn, impl=_fused_step_impl, suffix="", dynamic=True):
         # per code object, with a small recompile limit shared by everything that runs it).
         code = impl.__code__.replace(co_name=f"active_{delta_fn.__name__}{suffix}")
         impl = type(impl)(code, impl.__globals__, code.co_name)
-        compiled = torch.compile(impl, dynamic=dynamic, fullgraph=True)
+        if "recompile_limit" in inspect.signature(torch.compile).parameters:
+            # This function's own limit: the global config stays as it is.
+            compiled = torch.compile(impl, dynamic=dynamic, fullgraph=True,
+                                     recompile_limit=_RECOMPILE_LIMIT)
+        else:
+            compiled = torch.compile(impl, dynamic=dynamic, fullgraph=True)
+            _raise_recompile_limit()  # torch.compile has imported torch._dynamo
         _COMPILED[(delta_fn, suffix)] = compiled
-        config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
     return compiled
 
 
