@@ -50,6 +50,7 @@ def check_epoch_period_run(summary: dict, cls: str = "ActiveAdamW") -> None:
     assert math.isfinite(summary["metrics"]["train_loss"])
 
 
+@pytest.mark.slow
 def test_plain_python_rejects_the_active_optim_name(tmp_path):
     """Without hf_activelr the script's own HfArgumentParser refuses the name."""
     result = run_command(
@@ -61,6 +62,7 @@ def test_plain_python_rejects_the_active_optim_name(tmp_path):
     assert not (tmp_path / "out" / "run_summary.json").exists()
 
 
+@pytest.mark.slow
 def test_python_m_hf_activelr_run(tmp_path):
     out = tmp_path / "out"
     run_command(
@@ -75,6 +77,7 @@ def test_python_m_hf_activelr_run(tmp_path):
     assert (out / "train_results.json").exists()
 
 
+@pytest.mark.slow
 def test_hf_activelr_run_console_script(tmp_path):
     exe = console_script("hf-activelr")
     if exe is None:
@@ -93,6 +96,7 @@ def test_hf_activelr_run_console_script(tmp_path):
     assert summary["global_step"] == EPOCHS * UPDATES_PER_EPOCH
 
 
+@pytest.mark.slow
 def test_hf_activelr_list_console_script(tmp_path):
     exe = console_script("hf-activelr")
     if exe is None:
@@ -103,6 +107,7 @@ def test_hf_activelr_list_console_script(tmp_path):
     assert "ActiveAdaBound(lr_high=0.05, lr_low=0.95, amsbound=True)" in result.stdout
 
 
+@pytest.mark.slow
 def test_accelerate_launch_one_process(tmp_path):
     exe = console_script("accelerate")
     if exe is None:
@@ -170,6 +175,7 @@ def _script_with_a_sibling(tmp_path):
     return folder, elsewhere
 
 
+@pytest.mark.slow
 def test_python_m_run_puts_the_script_folder_on_sys_path(tmp_path):
     folder, elsewhere = _script_with_a_sibling(tmp_path)
     reports = {}

@@ -21,6 +21,8 @@ from hf_activelr import (
     consistency_report,
 )
 
+pytestmark = pytest.mark.slow  # integration: two processes
+
 
 
 def test_consistency_single_process_is_trivially_consistent():

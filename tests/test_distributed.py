@@ -25,6 +25,8 @@ from hf_utils import (
     run_command,
 )
 
+pytestmark = pytest.mark.slow  # integration: subprocesses, training runs
+
 SCRIPT = SCRIPTS / "train_ddp.py"
 EXAMPLES = 16
 GLOBAL_BATCH = 4

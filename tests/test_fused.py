@@ -43,6 +43,7 @@ def _run(cls, kwargs, fused, dtype, steps=24, skip_some=False):
     return [p.detach().float() for p in params], gains
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls,kwargs", CASES, ids=lambda c: getattr(c, "__name__", ""))
 @pytest.mark.parametrize("dtype,skip_some", [(torch.float32, False), (torch.bfloat16, False),
                                              (torch.float32, True)])
@@ -58,6 +59,7 @@ def test_fused_equals_single_tensor(cls, kwargs, dtype, skip_some):
         torch.testing.assert_close(fused, plain, rtol=0, atol=0)  # same gradients, same signs
 
 
+@pytest.mark.slow
 def test_fused_does_not_recompile_per_step_or_shape():
     """One compilation serves all shapes and steps: running more steps adds no graphs."""
     import torch._dynamo.utils as dynamo_utils
@@ -125,6 +127,7 @@ def test_recompile_limit_is_per_function_where_torch_compile_takes_one(monkeypat
     assert config.recompile_limit == 8
 
 
+@pytest.mark.slow
 def test_import_leaves_dynamo_alone():
     """``import hf_activelr`` neither imports torch._dynamo nor changes its config, and does
     not compile; after a fused step the global limit is unchanged where torch.compile takes a

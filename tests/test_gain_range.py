@@ -9,6 +9,8 @@ import torch
 
 from hf_activelr.optim.rule import decode_gain, end_period, init_state
 
+pytestmark = pytest.mark.slow  # 1e5 boundaries of the rule: about a minute
+
 
 # Per element, the sign of the period sum at boundary n (1-based), a cycle of 4 boundaries:
 # steady +, steady -, alternating from +, alternating from -, always zero, ++-- (mixed).

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from reliability_helpers import (
     SCRIPTS,
@@ -17,6 +18,8 @@ from reliability_helpers import (
 )
 
 from hf_activelr.optim.rule import decode_gain
+
+pytestmark = pytest.mark.slow  # integration: subprocesses, training runs
 
 
 

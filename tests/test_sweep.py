@@ -173,6 +173,7 @@ def test_reports_are_standard_json(tmp_path, monkeypatch):
     assert resumed["eval_loss"] == math.inf and resumed["diverged"]
 
 
+@pytest.mark.slow
 def test_registered_task_is_swept():
     base = get_task("vit-digits")
     register_task(SweepTask("vit-digits-short", "test", base.build_data, base.build_model,
@@ -183,12 +184,14 @@ def test_registered_task_is_swept():
     assert record["gain"]["min"] >= 0.001 and record["gain"]["max"] <= 100  # two-sided preset
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_the_run_and_counts_as_diverged():
     record = sweep.run_point(sweep.Point("vit-digits", "adamw_torch", 1e30, 64, 0, 1))
     assert record["diverged"]
     assert record["steps"] < math.ceil(1437 / 64)  # stopped at the first non-finite log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("peer", ["prodigy", "dadapt_adam", "schedule_free_adamw"])
 def test_peers_train(peer):
     module = {"prodigy": "prodigyopt", "dadapt_adam": "dadaptation",
@@ -205,6 +208,7 @@ def _cli(*args, cwd):
                           capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_sweep_is_resumable_and_writes_reports(tmp_path):
     args = ["--tasks", "vit-digits", "--optims", "active_adamw", "adamw_torch",
             "--lrs", "1e-3", "1e-1", "--seeds", "0", "--epochs", "1", "--jobs", "2",
@@ -239,6 +243,7 @@ def test_cli_sweep_is_resumable_and_writes_reports(tmp_path):
     assert "3 of 4 runs already done" in third.stdout and "[1/1]" in third.stdout
 
 
+@pytest.mark.slow
 def test_cli_batch_size_sweep(tmp_path):
     result = _cli("--tasks", "vit-digits", "--optims", "active_adamw", "--batch-sizes", "64",
                   "256", "--lr", "1e-3", "--lr-scaling", "linear", "--seeds", "0",

@@ -208,6 +208,7 @@ def test_stock_trainer_builds_active_adamw_from_training_arguments(tmp_path):
     assert any("bias" in n or "ln_" in n for n in seen - decay)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BUILT_IN))
 def test_every_built_in_name_trains_with_the_stock_trainer(tmp_path, name):
     model = tiny_model()
@@ -266,6 +267,7 @@ PERIOD_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer_cls", [Trainer, ActiveTrainer], ids=["Trainer", "ActiveTrainer"])
 @pytest.mark.parametrize("n, batch, accumulation, extra", PERIOD_CASES)
 def test_default_period_is_one_epoch_of_updates(tmp_path, trainer_cls, n, batch, accumulation,
@@ -288,6 +290,7 @@ def test_default_period_is_one_epoch_of_updates(tmp_path, trainer_cls, n, batch,
     assert all(s["period"] == expected for s in active.gain_stats())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer_cls", [Trainer, ActiveTrainer], ids=["Trainer", "ActiveTrainer"])
 def test_default_period_with_max_steps_only(tmp_path, trainer_cls):
     trainer = make_trainer(tmp_path, n=10, trainer_cls=trainer_cls, max_steps=7,
@@ -297,6 +300,7 @@ def test_default_period_with_max_steps_only(tmp_path, trainer_cls):
     assert [g["period"] for g in active_optimizer(trainer).param_groups] == [3, 3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer_cls", [Trainer, ActiveTrainer], ids=["Trainer", "ActiveTrainer"])
 def test_iterable_dataset_without_length_needs_a_period(tmp_path, trainer_cls):
     trainer = make_trainer(tmp_path, trainer_cls=trainer_cls, dataset=hf_utils.TokenStream(),
@@ -446,6 +450,7 @@ def test_a_changed_type_also_fails_loudly(monkeypatch):
 # --- 7. resume inside a period -------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer_cls", [Trainer, ActiveTrainer], ids=["Trainer", "ActiveTrainer"])
 def test_resume_inside_a_period_matches_the_uninterrupted_run(tmp_path, trainer_cls):
     # 16 examples, batch 2: 8 updates per epoch; 12 steps; period 4; checkpoint at step 6:
@@ -560,6 +565,7 @@ def run_tiny(output_dir, model=None, **overrides):
     return trainer
 
 
+@pytest.mark.slow
 def test_activation_checkpointing(tmp_path):
     plain = run_tiny(tmp_path / "plain")
     checkpointed = run_tiny(tmp_path / "ckpt", activation_checkpointing=True)
@@ -569,6 +575,7 @@ def test_activation_checkpointing(tmp_path):
     assert_close_masked(named_gains(checkpointed), named_gains(plain), atol=0.0, what="gains")
 
 
+@pytest.mark.slow
 def test_torch_compiled_model(tmp_path, monkeypatch):
     # TrainingArguments(torch_compile=True) sets ACCELERATE_DYNAMO_BACKEND in os.environ, which
     # would compile every later Trainer's model in this process: restore it afterwards.
@@ -594,6 +601,7 @@ def test_model_compiled_by_hand_with_active_trainer(tmp_path):
     assert (gains != 1).any()
 
 
+@pytest.mark.slow
 def test_fused_step_through_the_trainer_trains_like_the_single_tensor_step(tmp_path):
     """On CPU the Trainer names default to the multi-tensor step (compiled kernels' OpenMP
     threads compete with torch's); ``fused=true`` in optim_args runs the compiled step."""

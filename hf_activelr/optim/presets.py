@@ -1,6 +1,7 @@
-"""Named ActiveLR settings: the paper's rule and two rules beyond it, chosen by measurement.
+"""Named ActiveLR settings (ActiveConfig values): the paper's rule and two rules beyond it,
+chosen by measurement.
 
-    ActiveAdamW(model.parameters(), lr=1e-3, **preset_kwargs("significant"))
+    ActiveAdamW(model.parameters(), lr=1e-3, config=preset_config("significant"))
     TrainingArguments(optim="active_adamw", optim_args="preset=paper")
 
 - ``"paper"``: Wadi et al. (arXiv 2301.10133) unchanged: additive increase ``gain += lr_high``
@@ -30,10 +31,10 @@ from .config import ActiveConfig
 #: ``(log(1 + lr_high) + log(lr_low)) / 2 < 0`` per period, so a learning rate too large to
 #: make progress is scaled down; consistent signs (a learning rate too small) grow the gain
 #: geometrically, up to ``gain_max``.
-TWO_SIDED = {
-    "lr_high": 0.5, "lr_low": 0.5, "gain_increase": "multiplicative", "gain_init": 0.1,
-    "gain_min": 0.001, "gain_max": 100.0, "period": 10, "significance": None,
-}
+TWO_SIDED = ActiveConfig(
+    lr_high=0.5, lr_low=0.5, gain_increase="multiplicative", gain_init=0.1, gain_min=0.001,
+    gain_max=100.0, period=10, significance=None,
+)
 
 #: The paper's rule where a class has no published values (SGD, AdaBound, the wrapper): the
 #: authors' conservative RAdam / AdaBelief settings.
@@ -47,10 +48,10 @@ PAPER_FALLBACK = {"lr_high": 0.05, "lr_low": 0.95}
 #: learning rate too large for a fresh model is cut before any evidence exists (0.1 lost too
 #: much in short and large-batch runs, 1 protected nothing; both screened), and range from
 #: 0.03 to 30. A period of 10 steps, so runs shorter than two epochs adapt too.
-SIGNIFICANT = {
-    "lr_high": 0.5, "lr_low": 1 / 1.5, "gain_increase": "multiplicative", "gain_init": 0.3,
-    "gain_min": 0.03, "gain_max": 30.0, "period": 10, "significance": 2.0,
-}
+SIGNIFICANT = ActiveConfig(
+    lr_high=0.5, lr_low=1 / 1.5, gain_increase="multiplicative", gain_init=0.3, gain_min=0.03,
+    gain_max=30.0, period=10, significance=2.0,
+)
 
 PRESETS = ("paper", "two_sided", "significant")
 DEFAULT_PRESET = "significant"
@@ -63,9 +64,9 @@ def preset_config(name: str, optimizer_cls=None) -> ActiveConfig:
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
     if name == "two_sided":
-        return ActiveConfig(**TWO_SIDED)
+        return TWO_SIDED
     if name == "significant":
-        return ActiveConfig(**SIGNIFICANT)
+        return SIGNIFICANT
     if optimizer_cls is None:
         from .adamw import ActiveAdamW as optimizer_cls
     # The authors' values where published (ActiveAdamW 2.0 / 0.5, ...), else the fallback.
