@@ -148,3 +148,19 @@ def fused_chunks(delta_fn, params, grads, states, tensor_lists, scalars, step_sc
             alpha,
             [s["grad_sq_sum"] for s in states[start:stop]] if significance else None,
         )
+
+
+def _boundary_impl(packed, grad_sum, grad_sq_sum, prev_sign, lr_high, lr_low, low, high,
+                   significance, multiplicative, gain_step, with_stats):
+    return rule.boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high, lr_low, low,
+                                high, significance, multiplicative, gain_step, with_stats)
+
+
+def fused_boundary(packed, grad_sum, grad_sq_sum, prev_sign, **scalars):
+    """:func:`rule.boundary_tensor` compiled (one loop per tensor instead of some thirty
+    eager passes, the boundary's cost on CPU), on flat aliases so that one graph serves every
+    shape; the group's settings are constants of the graph (they change rarely)."""
+    tensors = (packed, grad_sum, grad_sq_sum, prev_sign)
+    flat = all(t is None or t.is_contiguous() for t in tensors)
+    aliases = [_alias(t, flat) for t in tensors]
+    return _compiled_for(rule.boundary_tensor, _boundary_impl, "_boundary")(*aliases, **scalars)

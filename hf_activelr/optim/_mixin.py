@@ -15,6 +15,22 @@ PRE_OPTION_DEFAULTS = {"gain_increase": "additive", "gain_init": 1.0, "grad_sum_
                        "significance": None}
 
 
+class _StatsCache:
+    """Per group (by identity): the figures ``gain_stats`` returned, and the statistics the
+    last boundary kept, not yet summed up."""
+
+    def __init__(self):
+        self.summary: dict = {}
+        self.boundary: dict = {}
+        # Set by the first gain_stats() call: from then on boundaries keep the statistics
+        # (a loop that never asks for them does not pay for them).
+        self.tracking = False
+
+    def clear_group(self, group) -> None:
+        self.summary.pop(id(group), None)
+        self.boundary.pop(id(group), None)
+
+
 class ActiveMixin:
     """Mixed into ``torch.optim.Optimizer`` subclasses whose state holds ActiveLR gains."""
 
@@ -42,7 +58,7 @@ class ActiveMixin:
 
     def _ensure_active_state(self, param, state, group) -> None:
         if "gain" not in state:
-            self._gain_stats_cache = None
+            self._forget_gain_stats()  # new state: the figures are computed afresh
         rule.ensure_state(param, state, group["zero_sum"], group["grad_sum_dtype"],
                           group["significance"] is not None)
 
@@ -56,7 +72,7 @@ class ActiveMixin:
         for group in self.param_groups:
             if group["period"] == EPOCH or not only_epoch:
                 group["period"] = period
-        self._gain_stats_cache = None
+        self._forget_gain_stats()
 
     def _check_period_set(self) -> None:
         for group in self.param_groups:
@@ -72,36 +88,66 @@ class ActiveMixin:
         return [self.state[p] for p in group["params"] if "gain" in self.state.get(p, {})]
 
     def _tick(self, group: dict) -> None:
-        """Advance the group's clock; at a period boundary, adapt its gains."""
+        """Advance the group's clock; at a period boundary, adapt its gains (and keep their
+        statistics, which the boundary gets for little: it reads every gain anyway)."""
         group["active_step"] += 1
         if group["active_step"] % group["period"] == 0:
-            group["gain_changes"] = rule.end_period(self._active_states(group), group)
-            self._gain_stats_cache = None
+            states = self._active_states(group)
+            cache = self._stats_cache()
+            stats = None
+            if cache.tracking:  # someone reads gain_stats(): keep them in passing
+                stats = rule.GainStats(states[0]["gain"].device if states else "cpu")
+            group["gain_changes"] = rule.end_period(states, group, self._boundary_fn(group),
+                                                    stats)
+            cache.clear_group(group)
+            if stats is not None:
+                cache.boundary[id(group)] = stats
+
+    def _boundary_fn(self, group: dict):
+        """The boundary's code: eager (:func:`rule.boundary_tensor`); the fused path compiles
+        it."""
+        return rule.boundary_tensor
 
     # -- statistics -------------------------------------------------------------------------
+
+    def _stats_cache(self) -> _StatsCache:
+        cache = self.__dict__.get("_gain_stats_cache")
+        if cache is None:
+            cache = self.__dict__["_gain_stats_cache"] = _StatsCache()
+        return cache
+
+    def _forget_gain_stats(self) -> None:
+        """The gains changed outside a boundary (new state, a load, a new group, a new
+        period): the figures are computed afresh at the next call."""
+        cache = self.__dict__.get("_gain_stats_cache")
+        if cache is not None:
+            cache.summary.clear()
+            cache.boundary.clear()
 
     def gain_stats(self) -> list[dict]:
         """Per param group: ``min``, ``median`` (lower), ``mean``, ``max`` of the gains;
         ``grew`` / ``shrank``: shares of elements whose gain grew (sign kept) or shrank (sign
         flipped) at the last boundary; ``elements``; ``step`` (the group's clock); ``period``.
 
-        Gains change only at boundaries, so the figures are computed once per boundary and
-        cached: calling this at every logging step costs nothing in between.
+        Gains change only at boundaries, so the figures are kept from the last boundary
+        (which computed them in passing) or, after a load or a new group, computed once in
+        one pass over the gains (exact min, max and mean; the median from a histogram, see
+        :data:`rule.HIST_BINS_PER_OCTAVE`): calling this at every logging step costs nothing
+        in between.
         """
-        cache = getattr(self, "_gain_stats_cache", None)
-        if cache is None:
-            cache = [
-                rule.gain_summary(
+        cache = self._stats_cache()
+        cache.tracking = True
+        result = []
+        for group in self.param_groups:
+            summary = cache.summary.get(id(group))
+            if summary is None:
+                summary = rule.gain_summary(
                     [s["gain"] for s in self._active_states(group)], group.get("gain_changes"),
-                    group["gain_init"],
+                    group["gain_init"], cache.boundary.pop(id(group), None),
                 )
-                for group in self.param_groups
-            ]
-            self._gain_stats_cache = cache
-        return [
-            {**stats, "step": group["active_step"], "period": group["period"]}
-            for stats, group in zip(cache, self.param_groups)
-        ]
+                cache.summary[id(group)] = summary
+            result.append({**summary, "step": group["active_step"], "period": group["period"]})
+        return result
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -252,7 +298,7 @@ class ActiveMixin:
                     running = self.state.get(param, {}).get(key)
                     if running is not None and running.dtype != dtype:
                         self.state[param][key] = running.to(dtype)
-        self._gain_stats_cache = None
+        self._forget_gain_stats()
 
 
 def unwrap_active(optimizer):

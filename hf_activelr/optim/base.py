@@ -19,7 +19,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import rule
-from ._fused import fused_chunks, fused_step
+from ._fused import fused_boundary, fused_chunks, fused_step
 from ._mixin import ActiveMixin
 from ._validation import check_bool
 from .config import ActiveConfig
@@ -68,7 +68,7 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
         try:
             self._check_group(self.param_groups[-1])
             self._init_active_group(self.param_groups[-1])
-            self._gain_stats_cache = None
+            self._forget_gain_stats()
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -97,6 +97,10 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
         return state
 
     # -- the step ---------------------------------------------------------------------------
+
+    def _boundary_fn(self, group: dict):
+        """The fused path compiles the boundary too."""
+        return fused_boundary if group["fused"] else rule.boundary_tensor
 
     def _use_path(self, group) -> str:
         if group["fused"]:

@@ -215,96 +215,211 @@ def apply_foreach(
 
 # --- the period boundary -----------------------------------------------------------------
 
+#: Gain statistics without sorting: the median is read from a histogram of ``log2(gain)``
+#: (relative to ``gain_init``) with this many bins per octave over ``[2**-64, 2**64)``; each
+#: bin also sums its values, so a median bin holding one distinct value (the usual case: the
+#: multiplicative presets' gains lie on a lattice ``1.5 ** k``) gives the exact median, and
+#: any other is within half a bin (0.55%).
+HIST_BINS_PER_OCTAVE = 64
+HIST_OCTAVES = 64
+HIST_BINS = 2 * HIST_OCTAVES * HIST_BINS_PER_OCTAVE
 
-def end_period(states: Iterable[dict], group: dict) -> dict:
-    """Adapt the gains of one param group at a period boundary; returns the change counts.
 
-    Runs once per period, so clarity beats speed here; the counts feed :func:`gain_stats`.
+def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr_low: float,
+                    low: float, high: float, significance: float, multiplicative: bool,
+                    gain_step: float, with_stats: bool = True):
+    """One tensor's period boundary, in place (pure tensor code: run eagerly, or compiled by
+    the fused path). ``low`` / ``high``: the bounds relative to ``gain_init``; ``gain_step``:
+    the additive increase relative to it; ``grad_sq_sum`` None: no significance test;
+    ``prev_sign`` None: ``zero_sum="hold"``.
+
+    Returns ``(grew, shrank, nonfinite, min, max, sum, gains, bins)``: the counts, the new
+    (relative) gains' min, max and float64 sum, the gains themselves and each one's histogram
+    bin (int32), read once by :class:`GainStats`; without ``with_stats``, the counts only
+    (the rest None: the reductions and the histogram cost more than the update itself).
     """
-    lr_low = group["lr_low"]
-    zero_sum = group["zero_sum"]
-    # The state holds gains relative to gain_init (the hot path scales by it): the increase
-    # and the bounds, stated for the real gain, are converted once here.
+    # A NaN sum (a NaN gradient in the period) carries no sign: it counts as a zero sum, and
+    # the sum restarts below, so one bad gradient does not poison the gain for good.
+    cur = torch.sign(grad_sum).nan_to_num(nan=0.0)
+    if grad_sq_sum is not None:
+        # Only a sum that stands out of its period's noise carries a sign (module doc). In
+        # float32 at least: a compiled kernel computes bfloat16 sums' test in float32, and so
+        # must the eager path, for the two to agree on sums at the threshold.
+        compute = torch.promote_types(grad_sum.dtype, torch.float32)
+        noise = grad_sq_sum.to(compute).sqrt() * significance
+        cur = torch.where(grad_sum.to(compute).abs() > noise, cur, 0.0)
+        grad_sq_sum.zero_()
+    cur = cur.to(packed.dtype)
+    if prev_sign is None:  # hold: the previous sign is the gain's sign bit
+        prev = torch.sign(packed)
+        agree = (cur != 0) & (prev == cur)
+        flip = (cur != 0) & (prev == -cur)
+    else:  # flip: the authors' comparison, a zero sum flips
+        known = prev_sign != _NO_PREV
+        agree = known & (prev_sign * cur > 0)
+        flip = known & ~agree
+    gain = torch.where(packed == 0, 1.0, packed.abs())  # decode_gain, in one pass
+    # The paper's increase is additive; "multiplicative" (as in Rprop) makes the drift of
+    # log(gain) under random signs negative when (1 + lr_high) * lr_low < 1.
+    grown = gain * (1.0 + lr_high) if multiplicative else gain + gain_step
+    new_gain = torch.where(agree, grown, torch.where(flip, gain * lr_low, gain)).clamp(low, high)
+    if prev_sign is None:
+        # Keep the older sign where this sum is zero; 0 stays "no sign yet" (gain 1).
+        packed.copy_(new_gain * torch.where(cur != 0, cur, prev))
+    else:
+        packed.copy_(new_gain)
+        prev_sign.copy_(cur)
+    nonfinite = (~torch.isfinite(grad_sum)).sum()
+    grad_sum.zero_()
+    if not with_stats:
+        return agree.sum(), flip.sum(), nonfinite, None, None, None, None, None
+    return (agree.sum(), flip.sum(), nonfinite, new_gain.min(), new_gain.max(),
+            new_gain.sum(dtype=torch.float64), new_gain, histogram_bin(new_gain))
+
+
+def histogram_bin(gain):
+    """Each (positive) gain's bin of the ``log2`` histogram (see :data:`HIST_BINS`)."""
+    position = torch.log2(gain) * HIST_BINS_PER_OCTAVE + HIST_OCTAVES * HIST_BINS_PER_OCTAVE
+    return position.floor().clamp(0, HIST_BINS - 1).to(torch.int32)
+
+
+def gain_histogram(bins, gain) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per histogram bin: how many gains, and their float64 sum."""
+    flat = bins.reshape(-1)
+    return (torch.bincount(flat, minlength=HIST_BINS).to(torch.float64),
+            torch.bincount(flat, weights=gain.reshape(-1).double(), minlength=HIST_BINS))
+
+
+class GainStats:
+    """What a group's gains sum up to, accumulated tensor by tensor: exact counts, min, max
+    and sum, and the histogram the median is read from. Combines across ranks by addition
+    (and min / max)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.grew = self.shrank = self.nonfinite = 0
+        self.changed_elements = 0
+        self.elements = 0
+        self.low = math.inf
+        self.high = -math.inf
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = torch.zeros(HIST_BINS, dtype=torch.float64, device=device)
+        self.bin_sum = torch.zeros(HIST_BINS, dtype=torch.float64, device=device)
+
+    def add(self, gain, bins, low, high, total) -> None:
+        self.elements += gain.numel()
+        self.low = min(self.low, float(low))
+        self.high = max(self.high, float(high))
+        self.total += total.to(self.device)
+        count, bin_sum = gain_histogram(bins, gain)
+        self.count += count.to(self.device)
+        self.bin_sum += bin_sum.to(self.device)
+
+    def add_gains(self, gain) -> None:
+        """Add a tensor of decoded (relative) gains."""
+        if gain.numel():
+            low, high = torch.aminmax(gain)
+            self.add(gain, histogram_bin(gain), low, high, gain.sum(dtype=torch.float64))
+
+    def median(self) -> float:
+        """The lower median (as ``torch.median``): the mean of its histogram bin's values."""
+        rank = (self.elements - 1) // 2
+        cumulative = torch.cumsum(self.count, 0)
+        index = int(torch.searchsorted(cumulative, torch.tensor(
+            float(rank + 1), dtype=torch.float64, device=cumulative.device)))
+        return float(self.bin_sum[index] / self.count[index])
+
+    def summary(self, gain_init: float) -> dict:
+        if self.elements == 0:
+            return {"min": gain_init, "median": gain_init, "mean": gain_init,
+                    "max": gain_init, "grew": 0.0, "shrank": 0.0, "elements": 0,
+                    "nonfinite": 0}
+        changed = max(self.changed_elements, 1)
+        return {
+            "nonfinite": self.nonfinite,
+            "min": self.low * gain_init,
+            "median": self.median() * gain_init,
+            "mean": float(self.total) / self.elements * gain_init,
+            "max": self.high * gain_init,
+            "grew": self.grew / changed,
+            "shrank": self.shrank / changed,
+            "elements": self.elements,
+        }
+
+
+def boundary_scalars(group: dict, dtype: torch.dtype) -> dict:
+    """The group's boundary settings as :func:`boundary_tensor` takes them (relative to
+    ``gain_init``: the hot path scales by it; the bounds are stated for the real gain)."""
     gain_init = group["gain_init"]
-    multiplicative = group["gain_increase"] == "multiplicative"
+    floor = torch.finfo(dtype).tiny
+    return {
+        "lr_high": group["lr_high"], "lr_low": group["lr_low"],
+        "low": floor if group["gain_min"] is None else max(group["gain_min"] / gain_init, floor),
+        "high": math.inf if group["gain_max"] is None else group["gain_max"] / gain_init,
+        "significance": group["significance"] or 0.0,
+        "multiplicative": group["gain_increase"] == "multiplicative",
+        "gain_step": group["lr_high"] / gain_init,
+    }
+
+
+def end_period(states: Iterable[dict], group: dict, boundary=boundary_tensor,
+               stats: GainStats | None = None) -> dict:
+    """Adapt the gains of one param group at a period boundary; returns the change counts.
+    ``boundary``: :func:`boundary_tensor` or its compiled twin; ``stats``: filled with the new
+    gains' statistics (the boundary reads every gain anyway, so they cost little here)."""
     grew = shrank = total = nonfinite = 0
     for state in states:
-        packed, grad_sum = state["gain"], state["grad_sum"]
-        floor = torch.finfo(packed.dtype).tiny
-        low = floor if group["gain_min"] is None else max(group["gain_min"] / gain_init, floor)
-        high = math.inf if group["gain_max"] is None else group["gain_max"] / gain_init
-        # A NaN sum (a NaN gradient in the period) carries no sign: it counts as a zero sum,
-        # and the sum restarts below, so one bad gradient does not poison the gain for good.
-        finite = torch.isfinite(grad_sum)
-        cur = torch.sign(grad_sum).nan_to_num_(nan=0.0)
-        if group["significance"] is not None:
-            # Only a sum that stands out of its period's noise carries a sign (module doc).
-            noise = state["grad_sq_sum"].sqrt().mul_(group["significance"])
-            cur = torch.where(grad_sum.abs() > noise, cur, 0.0)
-            state["grad_sq_sum"].zero_()
-        gain = decode_gain(packed)
-        if zero_sum == "hold":
-            prev = torch.sign(packed)
-            agree = (cur != 0) & (prev == cur)
-            flip = (cur != 0) & (prev == -cur)
-        else:
-            prev_sign = state["prev_sign"]
-            known = prev_sign != _NO_PREV
-            agree = known & (prev_sign * cur > 0)
-            flip = known & ~agree
-        # The paper's increase is additive; "multiplicative" (as in Rprop) makes the drift of
-        # log(gain) under random signs negative when (1 + lr_high) * lr_low < 1.
-        if multiplicative:
-            grown = gain * (1.0 + group["lr_high"])
-        else:
-            grown = gain + group["lr_high"] / gain_init
-        new_gain = torch.where(agree, grown, torch.where(flip, gain * lr_low, gain))
-        new_gain.clamp_(low, high)
-        if zero_sum == "hold":
-            # Keep the older sign where this sum is zero; 0 stays "no sign yet" (gain 1).
-            packed.copy_(new_gain * torch.where(cur != 0, cur, prev))
-        else:
-            packed.copy_(new_gain)
-            state["prev_sign"].copy_(cur)
-        grad_sum.zero_()
-        grew += int(agree.sum())
-        shrank += int(flip.sum())
-        nonfinite += int((~finite).sum())
+        packed = state["gain"]
+        scalars = boundary_scalars(group, packed.dtype)
+        outputs = boundary(
+            packed, state["grad_sum"],
+            state["grad_sq_sum"] if group["significance"] is not None else None,
+            state["prev_sign"] if group["zero_sum"] == "flip" else None, **scalars,
+            with_stats=stats is not None)
+        agree, flip, bad, low, high, gain_sum, gains, bins = outputs
+        grew += int(agree)
+        shrank += int(flip)
+        nonfinite += int(bad)
         total += packed.numel()
-    return {"grew": grew, "shrank": shrank, "elements": total, "nonfinite": nonfinite}
+        if stats is not None:
+            stats.add(gains, bins, low, high, gain_sum)
+    counts = {"grew": grew, "shrank": shrank, "elements": total, "nonfinite": nonfinite}
+    if stats is not None:
+        stats.grew, stats.shrank, stats.nonfinite = grew, shrank, nonfinite
+        stats.changed_elements = total
+    return counts
+
+
+def _relative_gains(packed):
+    """The gains relative to ``gain_init`` (:func:`decode_gain`, one pass)."""
+    return torch.where(packed == 0, 1.0, packed.abs())
 
 
 # --- reading the gains -------------------------------------------------------------------
 
 
-def gain_summary(gains: list[torch.Tensor], changes: dict | None, gain_init: float = 1.0) -> dict:
+def gain_summary(gains: list[torch.Tensor], changes: dict | None, gain_init: float = 1.0,
+                 stats: GainStats | None = None) -> dict:
     """min / median / mean / max of the gains (the stored ones times ``gain_init``) and the
-    shares that grew or shrank last time."""
-    if not gains:
-        return {
-            "min": gain_init, "median": gain_init, "mean": gain_init, "max": gain_init,
-            "grew": 0.0, "shrank": 0.0, "elements": 0, "nonfinite": 0,
-        }
-    flat = torch.cat([decode_gain(g).reshape(-1).float() for g in gains])
-    if gain_init != 1.0:
-        flat = flat * gain_init
-    elements = flat.numel()
-    changes = changes or {}
-    total = max(changes.get("elements", 0), 1)
-    return {
-        "nonfinite": changes.get("nonfinite", 0),
-        "min": flat.min().item(),
-        "median": flat.median().item(),
-        "mean": flat.double().mean().item(),
-        "max": flat.max().item(),
-        "grew": changes.get("grew", 0) / total,
-        "shrank": changes.get("shrank", 0) / total,
-        "elements": elements,
-    }
+    shares that grew or shrank last time. From ``stats`` (kept by the last boundary) in
+    O(histogram bins); else from ``gains`` in one pass per tensor (no concatenation, no
+    sort)."""
+    if stats is None:
+        device = gains[0].device if gains else torch.device("cpu")
+        stats = GainStats(device)
+        for gain in gains:
+            stats.add_gains(_relative_gains(gain))
+        changes = changes or {}
+        stats.grew, stats.shrank = changes.get("grew", 0), changes.get("shrank", 0)
+        stats.nonfinite = changes.get("nonfinite", 0)
+        stats.changed_elements = changes.get("elements", 0)
+    return stats.summary(gain_init)
 
 
 __all__ = [
     "ACTIVE_STATE_KEYS",
+    "GainStats",
+    "boundary_tensor",
     "GainMultipliers",
     "ZERO_SUM_POLICIES",
     "apply_foreach",

@@ -65,7 +65,7 @@ class ActiveLR(ActiveMixin, Optimizer):
             if added:
                 self.optimizer.param_groups.pop()
             raise
-        self._gain_stats_cache = None
+        self._forget_gain_stats()
         if self.param_groups is not self.optimizer.param_groups:  # during __init__ only
             self.param_groups.append(param_group)
 

@@ -1,0 +1,143 @@
+"""The period boundary as one pure function per tensor (rule.boundary_tensor): its compiled
+twin (the fused path) equals it bit for bit, and the statistics it keeps in passing equal a
+direct computation (exact min, max, mean; the median from a histogram: exact when its bin holds
+one value, within half a bin otherwise)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hf_activelr.optim import rule
+from hf_activelr.optim._fused import fused_boundary
+
+OPTIONS = [
+    dict(zero_sum="hold", significance=None, gain_increase="additive", gain_min=None,
+         gain_max=None, gain_init=1.0),
+    dict(zero_sum="hold", significance=2.0, gain_increase="multiplicative", gain_min=0.03,
+         gain_max=30.0, gain_init=0.3),
+    dict(zero_sum="flip", significance=None, gain_increase="multiplicative", gain_min=0.01,
+         gain_max=10.0, gain_init=1.0),
+    dict(zero_sum="flip", significance=1.0, gain_increase="additive", gain_min=None,
+         gain_max=None, gain_init=0.5),
+]
+
+
+def _states(option, n=4000, grad_sum_dtype=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    states = []
+    for shape in ((n,), (37, 11)):
+        state: dict = {}
+        rule.init_state(torch.zeros(shape), state, option["zero_sum"], grad_sum_dtype,
+                        option["significance"] is not None)
+        numel = state["gain"].numel()
+        lattice = 1.5 ** torch.randint(-4, 5, (numel,), generator=generator).float()
+        signs = torch.randint(0, 3, (numel,), generator=generator).float() - 1  # -1, 0, 1
+        state["gain"].view(-1).copy_(lattice * torch.where(signs == 0, 1.0, signs))
+        if option["zero_sum"] == "hold":
+            state["gain"].view(-1)[signs == 0] = 0.0  # "no sign yet"
+        else:
+            state["gain"].abs_()
+            state["prev_sign"].view(-1).copy_(
+                torch.randint(-1, 3, (numel,), generator=generator).to(torch.int8))
+        sums = torch.randn(numel, generator=generator) * 3
+        sums[::7] = 0.0
+        sums[5], sums[6], sums[8] = math.nan, math.inf, -math.inf
+        state["grad_sum"].view(-1).copy_(sums)
+        if "grad_sq_sum" in state:
+            squares = torch.rand(numel, generator=generator) * 4
+            squares[6] = math.inf
+            state["grad_sq_sum"].view(-1).copy_(squares)
+        states.append(state)
+    return states
+
+
+def _group(option):
+    return {"lr_high": 0.5, "lr_low": 0.5, **option}
+
+
+def _clone(states):
+    return [{k: v.clone() for k, v in s.items()} for s in states]
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=range(len(OPTIONS)))
+@pytest.mark.parametrize("grad_sum_dtype", [None, "bfloat16"], ids=["sum-fp32", "sum-bf16"])
+def test_statistics_kept_by_the_boundary_equal_a_direct_computation(option, grad_sum_dtype):
+    states = _states(option, grad_sum_dtype=grad_sum_dtype)
+    stats = rule.GainStats(torch.device("cpu"))
+    counts = rule.end_period(states, _group(option), stats=stats)
+    summary = rule.gain_summary(None, counts, option["gain_init"], stats)
+    gains = torch.cat([rule.decode_gain(s["gain"]).flatten() for s in states]).double()
+    gains *= option["gain_init"]
+    assert summary["elements"] == gains.numel() == counts["elements"]
+    assert summary["min"] == pytest.approx(gains.min().item(), rel=1e-7)
+    assert summary["max"] == pytest.approx(gains.max().item(), rel=1e-7)
+    assert summary["mean"] == pytest.approx(gains.mean().item(), rel=1e-12)
+    # lattice gains: one value per histogram bin, so the median is exact
+    assert summary["median"] == pytest.approx(gains.median().item(), rel=1e-7)
+    assert counts["nonfinite"] == 6  # NaN, +inf, -inf in each of the two tensors
+    # the same figures from the gains alone (after a load: no boundary statistics)
+    again = rule.gain_summary([s["gain"] for s in states], counts, option["gain_init"])
+    assert again == pytest.approx(summary, rel=1e-12)
+
+
+def test_median_of_continuous_gains_is_within_half_a_bin():
+    generator = torch.Generator().manual_seed(3)
+    gains = torch.exp(torch.randn(100_001, generator=generator) * 2)
+    summary = rule.gain_summary([gains], None)
+    half_bin = 2 ** (0.5 / rule.HIST_BINS_PER_OCTAVE)
+    exact = gains.median().item()
+    assert exact / half_bin <= summary["median"] <= exact * half_bin
+    assert summary["min"] == gains.min().item() and summary["max"] == gains.max().item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", OPTIONS, ids=range(len(OPTIONS)))
+@pytest.mark.parametrize("grad_sum_dtype", [None, "bfloat16"], ids=["sum-fp32", "sum-bf16"])
+def test_compiled_boundary_equals_the_eager_one(option, grad_sum_dtype):
+    eager = _states(option, grad_sum_dtype=grad_sum_dtype, seed=4)
+    fused = _clone(eager)
+    eager_stats, fused_stats = rule.GainStats(torch.device("cpu")), rule.GainStats(
+        torch.device("cpu"))
+    eager_counts = rule.end_period(eager, _group(option), stats=eager_stats)
+    fused_counts = rule.end_period(fused, _group(option), fused_boundary, fused_stats)
+    assert eager_counts == fused_counts
+    for a, b in zip(eager, fused):
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    assert rule.gain_summary(None, eager_counts, 1.0, eager_stats) == pytest.approx(
+        rule.gain_summary(None, fused_counts, 1.0, fused_stats), rel=1e-12)
+
+
+def test_gain_stats_after_a_boundary_read_no_gain(monkeypatch):
+    """Once gain_stats() has been called, each boundary keeps the figures in passing: the next
+    call sums up a histogram, it does not read the gains again. Before the first call, the
+    boundaries keep nothing (a loop that never asks does not pay)."""
+    from hf_activelr import ActiveAdamW
+
+    reads = []
+    original = rule.GainStats.add_gains
+    monkeypatch.setattr(rule.GainStats, "add_gains",
+                        lambda self, gain: (reads.append(gain.numel()), original(self, gain)))
+    params = [torch.nn.Parameter(torch.randn(40, 3)), torch.nn.Parameter(torch.randn(7))]
+    optimizer = ActiveAdamW(params, lr=1e-2, period=2)
+    for step in range(4):
+        for param in params:
+            param.grad = torch.randn_like(param) + 0.5
+        optimizer.step()
+    assert optimizer._stats_cache().boundary == {}  # nobody asked: nothing kept
+    first = optimizer.gain_stats()
+    assert reads == [120, 7]  # the first call reads the gains once
+    for step in range(4, 6):
+        for param in params:
+            param.grad = torch.randn_like(param) + 0.5
+        optimizer.step()
+    after = optimizer.gain_stats()
+    assert reads == [120, 7]  # kept by the boundary at step 6
+    assert after[0]["step"] == 6 and after[0] != first[0]
+    fresh = [rule.decode_gain(optimizer.state[p]["gain"]).flatten() for p in params]
+    everything = torch.cat(fresh).double()
+    assert after[0]["mean"] == pytest.approx(everything.mean().item(), rel=1e-12)
+    assert after[0]["min"] == everything.min().item()
