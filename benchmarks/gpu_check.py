@@ -609,7 +609,7 @@ def report(results: dict) -> str:
         lines.append("- on CPU the figures are a smoke test; the targets are meant for CUDA")
     section = results.get("step_cost")
     if section:
-        lines += ["", f"## 1. Step cost: {section['parameters'] / 1e6:.1f}M parameters "
+        lines += ["", f"## 1. Step cost: {section['parameters']:,} parameters "
                       f"(GPT-2 layout: {section['blocks']} blocks, width {section['width']}), "
                       f"{section['tensors']} tensors, fp32", "",
                   f"Paired over {section['pairs']} steps; Active rows at period "

@@ -174,7 +174,7 @@ def _results(gc):
                         "transformers": "5.0", "triton": "3.6.0", "hf_activelr": "0.1.0",
                         "python": "3.12"},
         "quick": False,
-        "step_cost": {"parameters": 124e6, "tensors": 148, "blocks": 12, "width": 768,
+        "step_cost": {"parameters": 124439808, "tensors": 148, "blocks": 12, "width": 768,
                       "pairs": 100, "row_period": 10, "rows": [
                           {"name": "torch AdamW fused", "peer": "adamw", "median_ms": 1.0,
                            "first_step_ms": 5.0, "first_boundary_ms": None,
