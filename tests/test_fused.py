@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import hf_activelr as hal
+from hf_activelr.optim import _fused
 
 CASES = [
     (hal.ActiveSGD, dict(lr_high=0.5, lr_low=0.5, momentum=0.9, weight_decay=0.1, nesterov=True)),
@@ -166,3 +167,109 @@ def test_import_leaves_dynamo_alone():
     assert after_import == default
     own_limit = "recompile_limit" in inspect.signature(torch.compile).parameters
     assert after_step == (default if own_limit else max(default, _fused._RECOMPILE_LIMIT))
+
+
+# --- the default path, and the fall back when compilation fails ---------------------------
+
+
+def _train(factory, steps=12, seed=0):
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in SHAPES]
+    optimizer = factory(params)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=generator) + 0.3
+        optimizer.step()
+    gains = [hal.optim.rule.decode_gain(optimizer.state[p]["gain"]) for p in params]
+    return optimizer, [p.detach() for p in params], gains
+
+
+SIGNIFICANT = {**hal.preset_kwargs("significant"), "period": 5, "significance": 1.0}
+
+
+def _assert_same_run(a, b):
+    for x, y in zip(a[1], b[1]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    for x, y in zip(a[2], b[2]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.slow
+def test_default_path_compiles_from_the_size_where_it_wins(monkeypatch):
+    from hf_activelr.optim import base
+
+    small = _train(lambda ps: hal.ActiveAdamW(ps, lr=1e-2, **SIGNIFICANT))
+    assert small[0]._use_path(small[0].param_groups[0]) == "foreach"
+    monkeypatch.setattr(base, "AUTO_FUSED_MIN_ELEMENTS", 10)
+    large = _train(lambda ps: hal.ActiveAdamW(ps, lr=1e-2, **SIGNIFICANT))
+    assert large[0]._use_path(large[0].param_groups[0]) == "fused"
+    assert any(key[1] == "_chunk" for key in _fused._COMPILED)
+    _assert_same_run(large, small)
+
+
+def _failing_compiler(monkeypatch, fail_at_call: int):
+    """``_compiled_for`` whose functions run the plain code but raise at call ``fail_at_call``
+    (counted over every compiled call), as a compiler error would."""
+    calls = []
+
+    def compiled_for(delta_fn, impl=_fused._fused_step_impl, suffix="", dynamic=True):
+        def run(*args, **kwargs):
+            calls.append(suffix)
+            if len(calls) == fail_at_call:
+                raise RuntimeError("forced compiler failure: no C++ compiler\nsecond line")
+            return impl(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(_fused, "_compiled_for", compiled_for)
+    return calls
+
+
+@pytest.mark.parametrize("fail_at_call", [1, 2], ids=["first-call", "midway"])
+def test_a_failed_compilation_falls_back_to_foreach_for_good(monkeypatch, fail_at_call):
+    """The fused path failing (no compiler, a compiler error...) warns once, naming the cause;
+    the step completes (the tensors the kernels did not reach by the eager code they compile)
+    and the optimizer goes on with the foreach path: the run equals a foreach run."""
+    import warnings
+
+    monkeypatch.setattr(_fused, "CHUNK", 1)  # one call per tensor: "midway" is within a step
+    calls = _failing_compiler(monkeypatch, fail_at_call)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = _train(lambda ps: hal.ActiveAdamW(ps, lr=1e-2, fused=True, **SIGNIFICANT))
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1, messages
+    assert "forced compiler failure: no C++ compiler" in messages[0]
+    assert "foreach path from now on" in messages[0] and "second line" not in messages[0]
+    assert len(calls) == fail_at_call  # nothing compiled is called after the failure
+    assert fused[0]._use_path(fused[0].param_groups[0]) == "foreach"
+    plain = _train(lambda ps: hal.ActiveAdamW(ps, lr=1e-2, foreach=True, **SIGNIFICANT))
+    _assert_same_run(fused, plain)
+
+
+def test_a_failed_compiled_boundary_falls_back_too(monkeypatch):
+    """A failure at the first compiled boundary (the step compiled fine) falls back the same
+    way: that boundary completes eagerly."""
+    import warnings
+
+    steps_ok = []
+    original = _fused._compiled_for
+
+    def compiled_for(delta_fn, impl=_fused._fused_step_impl, suffix="", dynamic=True):
+        if suffix == "_boundary":
+            def fail(*args, **kwargs):
+                raise RuntimeError("forced boundary failure")
+            return fail
+        steps_ok.append(suffix)
+        return lambda *args, **kwargs: impl(*args, **kwargs)
+
+    monkeypatch.setattr(_fused, "_compiled_for", compiled_for)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = _train(lambda ps: hal.ActiveAdamW(ps, lr=1e-2, fused=True, **SIGNIFICANT))
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "forced boundary failure" in messages[0]
+    assert steps_ok  # the steps before the boundary ran "compiled"
+    monkeypatch.setattr(_fused, "_compiled_for", original)
+    plain = _train(lambda ps: hal.ActiveAdamW(ps, lr=1e-2, foreach=True, **SIGNIFICANT))
+    _assert_same_run(fused, plain)

@@ -17,8 +17,6 @@ import inspect
 import sys
 import warnings
 
-import torch
-
 from ..optim._validation import EPOCH
 from . import registry
 
@@ -79,21 +77,6 @@ def _add_enum_member(enum_cls, value: str) -> None:
     type.__setattr__(enum_cls, member._name_, member)
 
 
-def fused_available(device) -> bool:
-    """Whether the Trainer names default to the compiled (fused) step on ``device``: on CUDA
-    with Triton. Not on CPU: there the compiled kernels' OpenMP threads compete with torch's
-    own and slowed a small GPT-2's whole training step by ~10% (measured), and each run pays
-    the compilation; ``optim_args="fused=true"`` opts in (large models gain, see benchmarks)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return False
-    try:
-        from torch.utils._triton import has_triton
-    except ImportError:
-        return False
-    return has_triton()
-
-
 def optimizer_kwargs(args, options: dict[str, str]) -> tuple[type, dict]:
     """The class and keyword arguments for ``args.optim`` (a registered name), built from the
     usual TrainingArguments and ``optim_args``: learning_rate, adam_beta1/2, adam_epsilon;
@@ -112,8 +95,8 @@ def optimizer_kwargs(args, options: dict[str, str]) -> tuple[type, dict]:
     if "period" in accepted:
         # No period given: one epoch of optimizer updates, set at train start (the paper's).
         kwargs.setdefault("period", EPOCH)
-    if kwargs.get("fused") is None and kwargs.get("foreach") is None and "fused" in accepted:
-        kwargs["fused"] = fused_available(args.device)
+    # fused / foreach not given: the class's default path, which compiles the step where it
+    # wins (CUDA with Triton; CPU from hf_activelr.optim.base.AUTO_FUSED_MIN_ELEMENTS).
     return entry.optimizer_cls, kwargs
 
 

@@ -129,10 +129,13 @@ CHUNK = 24
 
 
 def fused_chunks(delta_fn, params, grads, states, tensor_lists, scalars, step_scalars,
-                 cache, alpha: float = 1.0, significance: bool = False) -> None:
+                 cache, alpha: float = 1.0, significance: bool = False, progress=None,
+                 indices=None) -> None:
     """The fused step for many parameters sharing the same scalars (the usual case: one param
     group, one step count), ``CHUNK`` tensors per compiled call: one dispatch per chunk instead
-    of one per tensor, which is what the per-tensor path spends most of its time on."""
+    of one per tensor, which is what the per-tensor path spends most of its time on.
+    ``progress`` (a list): ``indices`` of the chunks done are appended to it, so that a caller
+    whose compilation fails midway knows which tensors were updated."""
     scalars = _as_tensors(scalars, step_scalars, states[0]["gain"], cache)
     compiled = _compiled_for(delta_fn, _fused_chunk_impl, "_chunk", dynamic=None)
     for start in range(0, len(params), CHUNK):
@@ -148,6 +151,9 @@ def fused_chunks(delta_fn, params, grads, states, tensor_lists, scalars, step_sc
             alpha,
             [s["grad_sq_sum"] for s in states[start:stop]] if significance else None,
         )
+        if progress is not None:
+            progress.extend(indices[start:stop] if indices is not None
+                            else range(start, min(stop, len(params))))
 
 
 def _boundary_impl(packed, grad_sum, grad_sq_sum, prev_sign, lr_high, lr_low, low, high,

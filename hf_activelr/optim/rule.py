@@ -308,8 +308,10 @@ class GainStats:
 
     def add(self, gain, bins, low, high, total) -> None:
         self.elements += gain.numel()
-        self.low = min(self.low, float(low))
-        self.high = max(self.high, float(high))
+        # min / max stay on the device: no host sync per tensor
+        low, high = low.to(self.device, torch.float64), high.to(self.device, torch.float64)
+        self.low = low if not torch.is_tensor(self.low) else torch.minimum(self.low, low)
+        self.high = high if not torch.is_tensor(self.high) else torch.maximum(self.high, high)
         self.total += total.to(self.device)
         count, bin_sum = gain_histogram(bins, gain)
         self.count += count.to(self.device)
@@ -337,10 +339,10 @@ class GainStats:
         changed = max(self.changed_elements, 1)
         return {
             "nonfinite": self.nonfinite,
-            "min": self.low * gain_init,
+            "min": float(self.low) * gain_init,
             "median": self.median() * gain_init,
             "mean": float(self.total) / self.elements * gain_init,
-            "max": self.high * gain_init,
+            "max": float(self.high) * gain_init,
             "grew": self.grew / changed,
             "shrank": self.shrank / changed,
             "elements": self.elements,
@@ -367,7 +369,9 @@ def end_period(states: Iterable[dict], group: dict, boundary=boundary_tensor,
     """Adapt the gains of one param group at a period boundary; returns the change counts.
     ``boundary``: :func:`boundary_tensor` or its compiled twin; ``stats``: filled with the new
     gains' statistics (the boundary reads every gain anyway, so they cost little here)."""
-    grew = shrank = total = nonfinite = 0
+    # Counts stay tensors until the end: one host sync per boundary, not three per tensor.
+    grew = shrank = nonfinite = 0
+    total = 0
     for state in states:
         packed = state["gain"]
         scalars = boundary_scalars(group, packed.dtype)
@@ -377,13 +381,14 @@ def end_period(states: Iterable[dict], group: dict, boundary=boundary_tensor,
             state["prev_sign"] if group["zero_sum"] == "flip" else None, **scalars,
             with_stats=stats is not None)
         agree, flip, bad, low, high, gain_sum, gains, bins = outputs
-        grew += int(agree)
-        shrank += int(flip)
-        nonfinite += int(bad)
+        grew = grew + agree
+        shrank = shrank + flip
+        nonfinite = nonfinite + bad
         total += packed.numel()
         if stats is not None:
             stats.add(gains, bins, low, high, gain_sum)
-    counts = {"grew": grew, "shrank": shrank, "elements": total, "nonfinite": nonfinite}
+    counts = {"grew": int(grew), "shrank": int(shrank), "elements": total,
+              "nonfinite": int(nonfinite)}
     if stats is not None:
         stats.grew, stats.shrank, stats.nonfinite = grew, shrank, nonfinite
         stats.changed_elements = total
