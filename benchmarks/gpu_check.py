@@ -251,7 +251,7 @@ def step_rows(device: torch.device):
         ("active_adamw: Trainer default (fused, significant)", "adamw",
          lambda p: hal.ActiveAdamW(p, **adamw_default), True),
         ("ActiveAdamW foreach, significant", "adamw",
-         lambda p: hal.ActiveAdamW(p, **significant), False),
+         lambda p: hal.ActiveAdamW(p, **significant, foreach=True), False),
         ("ActiveLR(torch AdamW fused), significant", "adamw",
          lambda p: hal.ActiveLR(torch.optim.AdamW(p, fused=True), **significant), False),
         ("torch SGD fused", "sgd",

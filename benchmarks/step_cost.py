@@ -74,25 +74,32 @@ def candidates(args):
         ("ActiveAdamW fused", "adamw", lambda p: hal.ActiveAdamW(p, period=period, fused=True)),
         ("ActiveAdamW fused, bf16 sums", "adamw", lambda p: hal.ActiveAdamW(
             p, period=period, grad_sum_dtype="bfloat16", fused=True)),
-        ("ActiveAdamW foreach", "adamw", lambda p: hal.ActiveAdamW(p, period=period)),
+        # The class default (neither fused nor foreach): compiled from 10M parameter elements.
+        ("ActiveAdamW default", "adamw", lambda p: hal.ActiveAdamW(p, period=period)),
+        ("ActiveAdamW foreach", "adamw",
+         lambda p: hal.ActiveAdamW(p, period=period, foreach=True)),
         # The significance test also sums squared gradients (one more stream, 4 bytes per
         # parameter). z = 0.5 lets every fixed-gradient sum count, so the gains are all set.
         ("ActiveAdamW fused, significance", "adamw", lambda p: hal.ActiveAdamW(
             p, period=period, significance=0.5, fused=True)),
-        ("ActiveAdamW foreach, significance", "adamw", lambda p: hal.ActiveAdamW(
+        ("ActiveAdamW default, significance", "adamw", lambda p: hal.ActiveAdamW(
             p, period=period, significance=0.5)),
+        ("ActiveAdamW foreach, significance", "adamw", lambda p: hal.ActiveAdamW(
+            p, period=period, significance=0.5, foreach=True)),
         ("ActiveLR(torch AdamW fused)", "adamw", lambda p: hal.ActiveLR(
             torch.optim.AdamW(p, fused=True), lr_high=2.0, lr_low=0.5, period=period)),
         ("torch RAdam foreach", "adamw", lambda p: torch.optim.RAdam(p, foreach=True)),
         ("ActiveRAdam fused", "adamw", lambda p: hal.ActiveRAdam(p, period=period, fused=True)),
-        ("ActiveRAdam foreach", "adamw", lambda p: hal.ActiveRAdam(p, period=period)),
+        ("ActiveRAdam foreach", "adamw",
+         lambda p: hal.ActiveRAdam(p, period=period, foreach=True)),
         ("ActiveAdaBelief fused", "adamw",
          lambda p: hal.ActiveAdaBelief(p, period=period, fused=True)),
-        ("ActiveAdaBelief foreach", "adamw", lambda p: hal.ActiveAdaBelief(p, period=period)),
+        ("ActiveAdaBelief foreach", "adamw",
+         lambda p: hal.ActiveAdaBelief(p, period=period, foreach=True)),
         ("ActiveAdaBound fused", "adamw", lambda p: hal.ActiveAdaBound(
             p, lr_high=0.05, lr_low=0.95, period=period, fused=True)),
         ("ActiveAdaBound foreach", "adamw", lambda p: hal.ActiveAdaBound(
-            p, lr_high=0.05, lr_low=0.95, period=period)),
+            p, lr_high=0.05, lr_low=0.95, period=period, foreach=True)),
         ("torch SGD fused", "sgd", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True)),
         ("ActiveSGD fused", "sgd", lambda p: hal.ActiveSGD(
             p, lr=0.1, momentum=0.9, lr_high=0.05, lr_low=0.95, period=period, fused=True)),
@@ -100,7 +107,7 @@ def candidates(args):
             p, lr=0.1, momentum=0.9, lr_high=0.05, lr_low=0.95, period=period,
             grad_sum_dtype="bfloat16", fused=True)),
         ("ActiveSGD foreach", "sgd", lambda p: hal.ActiveSGD(
-            p, lr=0.1, momentum=0.9, lr_high=0.05, lr_low=0.95, period=period)),
+            p, lr=0.1, momentum=0.9, lr_high=0.05, lr_low=0.95, period=period, foreach=True)),
     ]
     if importlib.util.find_spec("adabelief_pytorch"):
         from adabelief_pytorch import AdaBelief
