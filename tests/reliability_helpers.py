@@ -4,11 +4,11 @@ test_load_refusal, test_properties, test_consistency)."""
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from hf_utils import subprocess_env
 from torch import nn
 
 from hf_activelr import (
@@ -71,17 +71,7 @@ def assert_same_snapshot(now: dict, snapshot: dict) -> None:
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", WANDB_DISABLED="true",
-        PYTHONWARNINGS="ignore",
-    )
-    env.pop("ACCELERATE_DYNAMO_BACKEND", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
-
+    return subprocess_env(**extra)
 
 
 def _params(shapes=((6, 5), (5,), (3, 2, 2)), seed=0):

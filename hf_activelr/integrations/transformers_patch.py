@@ -33,7 +33,6 @@ class IntegrationError(RuntimeError):
 
 def _internals():
     try:
-        import transformers
         from transformers import trainer as trainer_module
         from transformers import trainer_optimizer
         from transformers.training_args import OptimizerNames
@@ -41,25 +40,16 @@ def _internals():
         raise IntegrationError(
             f"hf_activelr's Trainer integration needs {SUPPORTED}: {error}"
         ) from error
-    missing = [
-        name for name, present in (
-            ("transformers.trainer_optimizer._OPTIMIZER_HANDLERS",
-             isinstance(getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None), dict)),
-            ("transformers.trainer_optimizer.OptimizerContext",
-             hasattr(trainer_optimizer, "OptimizerContext")),
-            ("transformers.trainer.DEFAULT_CALLBACKS",
-             isinstance(getattr(trainer_module, "DEFAULT_CALLBACKS", None), list)),
-            ("OptimizerNames._value2member_map_",
-             isinstance(getattr(OptimizerNames, "_value2member_map_", None), dict)),
-        ) if not present
-    ]
-    if missing:
-        raise IntegrationError(
-            f"transformers {transformers.__version__} lacks {', '.join(missing)}, which "
-            f"hf_activelr's Trainer integration uses (supported: {SUPPORTED}). Pin transformers "
-            "to the supported range or upgrade hf-activelr; the optimizers themselves still "
-            "work when passed to Trainer(optimizers=(optimizer, None))."
-        )
+    _check([
+        ("transformers.trainer_optimizer._OPTIMIZER_HANDLERS",
+         isinstance(getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None), dict)),
+        ("transformers.trainer_optimizer.OptimizerContext",
+         hasattr(trainer_optimizer, "OptimizerContext")),
+        ("transformers.trainer.DEFAULT_CALLBACKS",
+         isinstance(getattr(trainer_module, "DEFAULT_CALLBACKS", None), list)),
+        ("OptimizerNames._value2member_map_",
+         isinstance(getattr(OptimizerNames, "_value2member_map_", None), dict)),
+    ])
     return trainer_module, trainer_optimizer, OptimizerNames
 
 
