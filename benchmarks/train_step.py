@@ -10,8 +10,9 @@ significance test, gain statistics logged every ``--logging-steps``). A callback
 step; the first ``--warmup`` steps (compilation of a fused path included) are reported apart.
 The runs go in the order A, B, ..., then reversed, and each optimizer's figure is the median
 over both of its runs, so a load that drifts during the benchmark biases no one. Prints a
-Markdown table: median step time, samples/s, its ratio to ``adamw_torch_fused``, the
-first-steps time.
+Markdown table: median and mean step time after the first steps (the mean includes the
+period boundaries, one step in ten with the default), samples/s from the mean, its ratio to
+``adamw_torch_fused``, the first steps' time.
 """
 
 from __future__ import annotations
@@ -98,16 +99,18 @@ def main(argv=None) -> None:
     print(f"\nGPT-2 {parameters / 1e6:.0f}M parameters, batch {args.batch_size} x "
           f"{args.length} tokens, {args.steps} steps per run, 2 runs each "
           f"({args.device}, {torch.get_num_threads()} threads)\n")
-    print("| optimizer | median step (s) | samples/s | x adamw_torch_fused | first "
-          f"{args.warmup} steps (s) |")
-    print("|---|---|---|---|---|")
+    print("| optimizer | median step (s) | mean step (s) | samples/s (mean) | "
+          f"x adamw_torch_fused | first {args.warmup} steps (s) |")
+    print("|---|---|---|---|---|---|")
     base = None
     for spec, times in runs.items():
-        steady = statistics.median([t for run in times for t in run[args.warmup:]])
+        steady = [t for run in times for t in run[args.warmup:]]
+        median, mean = statistics.median(steady), statistics.fmean(steady)
         first = statistics.median([sum(run[:args.warmup]) for run in times])
-        rate = args.batch_size / steady
+        rate = args.batch_size / mean
         base = base or rate
-        print(f"| `{spec}` | {steady:.3f} | {rate:.2f} | {rate / base:.3f} | {first:.1f} |")
+        print(f"| `{spec}` | {median:.3f} | {mean:.3f} | {rate:.2f} | {rate / base:.3f} | "
+              f"{first:.1f} |")
 
 
 if __name__ == "__main__":
