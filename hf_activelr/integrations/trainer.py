@@ -20,6 +20,15 @@ from .callbacks import (  # noqa: F401  (updates_per_epoch: public here)
 )
 
 
+def _zero_partitioned(trainer) -> bool:
+    """Whether DeepSpeed ZeRO (stage 1 or more) gave the optimizer per-rank partitions."""
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return False
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    stage = getattr(plugin, "zero_stage", None)
+    return stage is None or stage >= 1  # unknown: do not compare partitions
+
+
 class _RunRecordCallback(TrainerCallback):
     """At every save: checks the ActiveLR state is the same on all ranks (raises if not), and
     saves the run record (command, task, data) beside the checkpoint, for model cards."""
@@ -31,11 +40,48 @@ class _RunRecordCallback(TrainerCallback):
         from ..optim.distributed import check_consistent
 
         if args.world_size > 1 and unwrap_active(self.trainer.optimizer) is not None:
-            check_consistent(self.trainer.optimizer)  # every rank, before a bad state is kept
+            # Every rank, before a bad state is kept. Sharded state (FSDP2 DTensors, FSDP1
+            # flat parameters) is recognised per parameter; DeepSpeed ZeRO's flat partitions
+            # are not marked, so under ZeRO only clocks and hyperparameters are compared.
+            check_consistent(self.trainer.optimizer, sharded=_zero_partitioned(self.trainer))
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 self.trainer.write_run_record(folder)
+
+
+class _GainSummaryCallback(GainSummaryCallback):
+    """The end-of-training gain table; with gains sharded across ranks (FSDP2 DTensors,
+    DeepSpeed ZeRO partitions) its figures are the whole model's, reduced on every rank
+    (``optimizer.gain_stats()`` on the main process alone would read, or wait for, the other
+    ranks' shards)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        from ..optim.distributed import gain_stats, has_sharded_gains
+
+        active = unwrap_active(optimizer)
+        partitioned = _zero_partitioned(self.trainer) and args.world_size > 1
+        if active is None or not (partitioned or has_sharded_gains(active)):
+            return super().on_train_end(args, state, control, optimizer=optimizer, **kwargs)
+        stats = gain_stats(active, partitioned=partitioned)  # a collective: every rank
+        if not state.is_world_process_zero:
+            return None
+        lines = ["| group | elements | min | median | mean | max | at gain_min | at gain_max |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for index, group_stats in enumerate(stats):
+            if group_stats["elements"]:
+                lines.append(
+                    f"| {index} | {group_stats['elements']} | {group_stats['min']:.3g} | "
+                    f"{group_stats['median']:.3g} | {group_stats['mean']:.3g} | "
+                    f"{group_stats['max']:.3g} | {group_stats['at_gain_min']:.1%} | "
+                    f"{group_stats['at_gain_max']:.1%} |")
+        if len(lines) > 2:
+            table = "\n".join(lines)
+            print(f"ActiveLR gains at step {state.global_step}:\n{table}")
+        return None
 
 
 class ActiveTrainer(Trainer):
@@ -73,7 +119,7 @@ class ActiveTrainer(Trainer):
             if any(type(cb) is stock for cb in self.callback_handler.callbacks):
                 self.callback_handler.pop_callback(stock)
                 self.add_callback(compact)
-        self.add_callback(GainSummaryCallback)
+        self.add_callback(_GainSummaryCallback(self))
         self.add_callback(GainHistogramCallback(self))
 
     def create_optimizer(self, model=None):
@@ -83,6 +129,18 @@ class ActiveTrainer(Trainer):
             if "param_names" not in group and all(id(p) in names for p in group["params"]):
                 group["param_names"] = [names[id(p)] for p in group["params"]]
         return optimizer
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # A sharded (DCP) optimizer checkpoint loads into a template made from the live
+        # optimizer: its groups' entries must be nested as in the checkpoint (gain_changes).
+        folder = os.path.join(checkpoint, "optimizer_0") if checkpoint else None
+        active = unwrap_active(self.optimizer)
+        if folder and self.is_fsdp_enabled and active is not None and os.path.isfile(
+                os.path.join(folder, ".metadata")):
+            from ..optim.distributed import match_checkpoint_groups
+
+            match_checkpoint_groups(active, folder, key="optimizer")
+        return super()._load_optimizer_and_scheduler(checkpoint)
 
     def save_final_model(self, output_dir: str | None = None) -> None:
         """Save the trained model; call it on every rank. Under FSDP the full state dict is
@@ -165,16 +223,23 @@ class ActiveTrainer(Trainer):
         return card
 
     def gain_log(self) -> dict:
-        """Gain statistics as flat log entries: ``gain/group{i}/{stat}``."""
+        """Gain statistics as flat log entries: ``gain/group{i}/{stat}``, over the whole
+        model: under FSDP2 and DeepSpeed ZeRO each rank's shard is reduced across ranks
+        (:func:`hf_activelr.optim.distributed.gain_stats`, a collective there: called on
+        every rank, as ``Trainer.log`` is)."""
+        from ..optim.distributed import gain_stats
+
         active = unwrap_active(self.optimizer)
         if active is None:
             return {}
         entries = {}
-        for index, stats in enumerate(active.gain_stats()):
+        partitioned = _zero_partitioned(self)
+        for index, stats in enumerate(gain_stats(active, partitioned=partitioned)):
             if stats["elements"] == 0:
                 continue
             for key in ("min", "median", "mean", "max", "grew", "shrank"):
-                entries[f"gain/group{index}/{key}"] = round(float(stats[key]), 6)
+                if stats[key] is not None:  # None: counts a mixed sharded group cannot sum
+                    entries[f"gain/group{index}/{key}"] = round(float(stats[key]), 6)
         return entries
 
     def log(self, logs: dict, *args, **kwargs) -> None:
