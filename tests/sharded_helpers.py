@@ -112,13 +112,3 @@ def run_trio(tmp, sharding_args: list[str]) -> dict:
     return {"full": load(full), "resumed": load(resumed), "single": load(single, 1)[0],
             "checkpoint": full / f"checkpoint-{SAVE_STEPS}"}
 
-
-#: rule.end_period accumulates a DTensor's boundary counts with DTensor arithmetic
-#: (``grew = grew + agree``): ``0 + Partial`` is all-reduced to Replicate, and Replicate +
-#: Partial splits the integer count across the ranks with truncation, so the ranks' counts
-#: no longer sum to the whole tensor's (9 + 11 for 21 in a 3-tensor group on 2 ranks).
-#: Accumulating ``agree.to_local()`` (the rank's own part) restores them. Not strict: the
-#: loss depends on the counts (none when the split ones are even); remove once fixed.
-DTENSOR_COUNTS_BROKEN = pytest.mark.xfail(
-    strict=False, reason="rule.end_period's DTensor boundary counts lose counts (see "
-    "sharded_helpers.DTENSOR_COUNTS_BROKEN)")

@@ -15,7 +15,6 @@ import sys
 
 import pytest
 from hf_utils import SCRIPTS, subprocess_env
-from sharded_helpers import DTENSOR_COUNTS_BROKEN
 
 pytestmark = pytest.mark.slow  # integration: two processes
 
@@ -109,7 +108,6 @@ def test_sharded_gain_stats_are_the_whole_tensors(ranks):
     assert stats[0]["history"] == stats[1]["history"]
 
 
-@DTENSOR_COUNTS_BROKEN
 def test_sharded_boundary_counts_are_the_whole_tensors(ranks):
     for rank in ranks:
         for entry in rank["gain_stats"]["history"]:

@@ -36,7 +36,6 @@ from hf_utils import (
     run_command,
 )
 from sharded_helpers import (
-    DTENSOR_COUNTS_BROKEN,
     PERIOD,
     STATS,
     STEPS,
@@ -156,7 +155,6 @@ def test_trainer_logs_gain_statistics_of_the_whole_model(runs):
                            single["final_gain_stats"][group], group, ranks[0], counts=False)
 
 
-@DTENSOR_COUNTS_BROKEN
 def test_trainer_logs_grown_and_shrunk_shares_of_the_whole_model(runs):
     """The boundary's shares (grew, shrank) as one process logs them, at every step."""
     ranks, single = runs["full"], runs["single"]
@@ -217,7 +215,6 @@ def test_fully_shard_matches_one_process(direct):
     assert direct[0]["gain_stats"] == direct[1]["gain_stats"]
 
 
-@DTENSOR_COUNTS_BROKEN
 def test_fully_shard_grown_and_shrunk_shares_match_one_process(direct):
     record = {**direct[0], "gains": direct[0]["uninterrupted"]["gains"]}
     for group in (0, 1):

@@ -150,10 +150,13 @@ class GainHistogramCallback(TrainerCallback):
 
     def on_log(self, args, state, control, **kwargs):
         from ..optim import rule
+        from ..optim.distributed import has_sharded_gains
 
         active = unwrap_active(self.trainer.optimizer)
         writer = self._writer() if state.is_world_process_zero else None
-        if active is None or writer is None:
+        if active is None or writer is None or has_sharded_gains(active):
+            # Sharded gains (FSDP2): the main process holds its shard only, and reading the
+            # others' would be a collective the other ranks never join. No histograms there.
             return
         boundaries = tuple(g["active_step"] // g["period"] for g in active.param_groups
                            if g["period"] != EPOCH)

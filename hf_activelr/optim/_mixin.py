@@ -46,7 +46,10 @@ class ActiveMixin:
                 raise TypeError("ActiveLR does not support complex parameters")
         # The clock is the group's, so boundaries fall on the same step for every parameter.
         group.setdefault("active_step", 0)
-        group.setdefault("gain_changes", None)
+        if group.get("gain_changes") is None:
+            # The last boundary's counts; the same keys before the first one, so that the
+            # state dict keeps one structure (a sharded DCP load matches it key by key).
+            group["gain_changes"] = {"grew": 0, "shrank": 0, "elements": 0, "nonfinite": 0}
 
     @property
     def _gain_multipliers(self) -> rule.GainMultipliers:

@@ -307,6 +307,7 @@ class GainStats:
         self.bin_sum = torch.zeros(HIST_BINS, dtype=torch.float64, device=device)
 
     def add(self, gain, bins, low, high, total) -> None:
+        gain, bins, low, high, total = (_local(t) for t in (gain, bins, low, high, total))
         self.elements += gain.numel()
         # min / max stay on the device: no host sync per tensor
         low, high = low.to(self.device, torch.float64), high.to(self.device, torch.float64)
@@ -319,6 +320,7 @@ class GainStats:
 
     def add_gains(self, gain) -> None:
         """Add a tensor of decoded (relative) gains."""
+        gain = _local(gain)
         if gain.numel():
             low, high = torch.aminmax(gain)
             self.add(gain, histogram_bin(gain), low, high, gain.sum(dtype=torch.float64))
@@ -364,6 +366,13 @@ def boundary_scalars(group: dict, dtype: torch.dtype) -> dict:
     }
 
 
+def _local(tensor):
+    """A DTensor's local part (sharded parameters: FSDP2); any other value as it is. The
+    counts and statistics of a boundary are this rank's; ``distributed.gain_stats`` combines
+    them across ranks."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def end_period(states: Iterable[dict], group: dict, boundary=boundary_tensor,
                stats: GainStats | None = None) -> dict:
     """Adapt the gains of one param group at a period boundary; returns the change counts.
@@ -381,17 +390,17 @@ def end_period(states: Iterable[dict], group: dict, boundary=boundary_tensor,
             state["prev_sign"] if group["zero_sum"] == "flip" else None, **scalars,
             with_stats=stats is not None)
         agree, flip, bad, low, high, gain_sum, gains, bins = outputs
-        grew = grew + agree
-        shrank = shrank + flip
-        nonfinite = nonfinite + bad
+        grew = grew + _local(agree)
+        shrank = shrank + _local(flip)
+        nonfinite = nonfinite + _local(bad)
         total += packed.numel()
         if stats is not None:
             stats.add(gains, bins, low, high, gain_sum)
     counts = {"grew": int(grew), "shrank": int(shrank), "elements": total,
-              "nonfinite": int(nonfinite)}
+              "nonfinite": int(nonfinite)}  # total: the whole tensors' (numel of a DTensor)
     if stats is not None:
-        stats.grew, stats.shrank, stats.nonfinite = grew, shrank, nonfinite
-        stats.changed_elements = total
+        stats.grew, stats.shrank = counts["grew"], counts["shrank"]
+        stats.nonfinite, stats.changed_elements = counts["nonfinite"], total
     return counts
 
 
