@@ -141,3 +141,20 @@ def test_gain_stats_after_a_boundary_read_no_gain(monkeypatch):
     everything = torch.cat(fresh).double()
     assert after[0]["mean"] == pytest.approx(everything.mean().item(), rel=1e-12)
     assert after[0]["min"] == everything.min().item()
+
+
+def test_gain_stats_figures_are_plain_numbers():
+    """JSON-ready: report_to backends and results.json take them as they are."""
+    import json
+
+    from hf_activelr import ActiveAdamW
+
+    params = [torch.nn.Parameter(torch.randn(8, 3))]
+    optimizer = ActiveAdamW(params, lr=1e-2, period=2)
+    optimizer.gain_stats()  # tracking from the start
+    for _ in range(4):
+        params[0].grad = torch.randn_like(params[0])
+        optimizer.step()
+    stats = optimizer.gain_stats()[0]
+    assert all(isinstance(value, (int, float)) for value in stats.values()), stats
+    json.dumps(stats)
