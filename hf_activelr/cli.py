@@ -46,6 +46,7 @@ def _sweep(args) -> int:
 
     if args.protocol:
         from .experiments import protocol
+        from .integrations.model_card import redact_command
 
         points = protocol.plan(quick=args.quick, seeds=args.protocol_seeds,
                                candidates=args.candidates or (), only_tasks=args.tasks,
@@ -60,7 +61,7 @@ def _sweep(args) -> int:
                                   threads=args.threads, force=args.force,
                                   progress=lambda line: print(line, flush=True))
         text = protocol.report(records, args.output_dir, quick=args.quick,
-                               command="hf-activelr " + " ".join(sys.argv[1:]),
+                               command=redact_command(["hf-activelr", *sys.argv[1:]]),
                                candidates=args.candidates or ())
         print(text)
         print(f"wrote {args.output_dir}/protocol.md, protocol.json and the plots")

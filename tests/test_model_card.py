@@ -209,8 +209,9 @@ def _card_trainer(trained, output_dir, **kwargs):
 
 
 def test_secrets_on_the_command_line_stay_off_the_card(trained, tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["train.py", "--hub_token", HF_TOKEN,
-                                      "--wandb_api_key=k3y", "--seed", "0"])
+    argv = ["train.py", "--hub_token", HF_TOKEN, "--wandb_api_key=k3y", "--seed", "0"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "orig_argv", ["/usr/bin/python3", *argv])  # what the run sees
     trainer = _card_trainer(trained, tmp_path / "out")
     card = trainer.create_model_card()
     written = [card.text, (tmp_path / "out" / "README.md").read_text(),
@@ -290,3 +291,24 @@ def test_create_model_card_rejects_a_bad_argument_type(trained, tmp_path):
     trainer = _card_trainer(trained, tmp_path / "out")
     with pytest.raises(TypeError, match="tags"):
         trainer.create_model_card(tags=3)
+
+
+@pytest.mark.parametrize("orig_argv, expected", [
+    (["/usr/bin/python3.11", "-m", "hf_activelr.run", "run_clm.py", "--optim", "active_adamw",
+      "--hub_token", "hf_aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1x"],
+     "python -m hf_activelr.run run_clm.py --optim active_adamw --hub_token <redacted>"),
+    (["/opt/venv/bin/python", "/opt/venv/bin/hf-activelr", "run", "train.py", "--seed", "1"],
+     "hf-activelr run train.py --seed 1"),
+    (["python3", "-u", "train.py"], "python -u train.py"),
+])
+def test_the_recorded_command_is_the_one_that_started_the_run(tmp_path, monkeypatch,
+                                                              orig_argv, expected):
+    """``python -m hf_activelr.run SCRIPT`` is recorded as such (sys.argv alone would lose the
+    ``-m hf_activelr.run``, and ``python SCRIPT --optim active_adamw`` is refused)."""
+    from hf_utils import make_trainer
+
+    from hf_activelr import ActiveTrainer
+
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    trainer = make_trainer(tmp_path, trainer_cls=ActiveTrainer)
+    assert trainer.run_info["command"] == expected

@@ -144,8 +144,13 @@ def test_compare_gpt2_two_optimizers(gpt2_compare):
 def test_vit_classification_recipe(tmp_path):
     tensorboard = importlib.util.find_spec("tensorboard") is not None
     report = ["--report_to", "tensorboard"] if tensorboard else []
-    launch(CPU, VIT, tmp_path, *FAST, *ACTIVE, "--max_eval_samples", "64", *report)
+    secret = "hf_aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1x"  # shaped like a Hub token, never used
+    launch(CPU, VIT, tmp_path, *FAST, *ACTIVE, "--max_eval_samples", "64", *report,
+           "--hub_token", secret)
     results = check_run(tmp_path, ["eval_accuracy"])
+    # results.json sits in output_dir, which push_to_hub uploads: the command is redacted
+    assert secret not in (tmp_path / "results.json").read_text()
+    assert results["command"].endswith("--hub_token <redacted>")
     assert 0.0 <= results["metrics"]["eval_accuracy"] <= 1.0
     assert results["data"].startswith("offline: scikit-learn digits")
     assert results["eval_examples"] == 64 and results["classes"] == [str(i) for i in range(10)]

@@ -537,11 +537,14 @@ def plot(summary: list[dict], output_dir) -> list[pathlib.Path]:
 
 def write_reports(records: list[dict], output_dir, axis: str = "lr") -> str:
     """Write sweep.json, sweep.md and the plots; return the markdown."""
+    from ..integrations.model_card import redact_command
+
     output_dir = pathlib.Path(output_dir)
     summary = summarize(records, axis)
     table = markdown(summary)
     (output_dir / "sweep.md").write_text(table)
     write_json(output_dir / "sweep.json",
-               {"command": " ".join(sys.argv), "summary": summary, "runs": records}, indent=1)
+               {"command": redact_command(sys.argv), "summary": summary, "runs": records},
+               indent=1)
     plot(summary, output_dir)
     return table

@@ -84,6 +84,22 @@ class _GainSummaryCallback(GainSummaryCallback):
         return None
 
 
+def launch_command() -> list[str]:
+    """The command that started this process, for the card's "reproduce" section.
+
+    ``sys.orig_argv`` keeps what ``sys.argv`` loses: ``python -m hf_activelr.run SCRIPT``
+    (runpy replaces ``sys.argv`` with the script's) and interpreter options; without
+    ``-m hf_activelr.run`` a recorded ``python SCRIPT --optim active_adamw`` would be refused
+    by the script's parser. The interpreter's path becomes ``python``, the console script's
+    path ``hf-activelr``. (Under ``accelerate launch`` each process sees the command the
+    launcher gave it: the launcher's own options are not known here.)"""
+    argv = list(getattr(sys, "orig_argv", None) or ["python", *sys.argv])
+    argv[0] = "python"
+    if len(argv) > 1 and os.path.basename(argv[1]) == "hf-activelr":
+        argv = ["hf-activelr", *argv[2:]]
+    return argv
+
+
 class ActiveTrainer(Trainer):
     """``transformers.Trainer`` for Active optimizers.
 
@@ -103,7 +119,7 @@ class ActiveTrainer(Trainer):
         from .model_card import redact_command
 
         super().__init__(*args, **kwargs)
-        self.run_info = {"command": ["python", *sys.argv], **(run_info or {})}
+        self.run_info = {"command": launch_command(), **(run_info or {})}
         # The command goes into the run record and the card (both pushed to the Hub): no
         # --hub_token or other secret in it, whether ours or one given in run_info.
         if self.run_info.get("command"):

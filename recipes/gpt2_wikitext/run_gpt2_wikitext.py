@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
             "task": "causal-lm", "model": model_source, "data": source,
             "parameters": sum(p.numel() for p in model.parameters()),
             "train_blocks": len(data["train"]), "eval_blocks": len(data["validation"]),
-            "block_size": block_size, "command": " ".join(sys.argv),
+            "block_size": block_size, "command": trainer.run_info["command"],  # redacted
             "world_size": training_args.world_size,
         })
         reporting.write_results(os.path.join(training_args.output_dir, "results.json"), results)

@@ -295,7 +295,8 @@ def main(argv=None) -> dict:
                      "target_modules": sorted(model.peft_config["default"].target_modules)},
             "classes": label_names, "train_examples": len(data["train"]),
             "eval_examples": len(data["validation"]), "adapter_reload": reload_check,
-            "command": " ".join(sys.argv), "world_size": training_args.world_size,
+            "command": trainer.run_info["command"],  # the redacted command
+            "world_size": training_args.world_size,
         })
         reporting.write_results(os.path.join(training_args.output_dir, "results.json"), results)
         try:

@@ -263,7 +263,8 @@ def main(argv=None) -> dict:
             "task": "image-classification", "model": model_source, "data": source,
             "parameters": parameters, "classes": label_names,
             "train_examples": len(data["train"]), "eval_examples": len(data["validation"]),
-            "command": " ".join(sys.argv), "world_size": training_args.world_size,
+            "command": trainer.run_info["command"],  # the redacted command
+            "world_size": training_args.world_size,
         })
         reporting.write_results(os.path.join(training_args.output_dir, "results.json"), results)
         try:
