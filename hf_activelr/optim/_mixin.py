@@ -77,6 +77,15 @@ class ActiveMixin:
                 group["period"] = period
         self._forget_gain_stats()
 
+    def _begin_step(self, closure):
+        """What every step starts with: the period must be set; the closure's loss (with
+        gradients enabled, as torch's optimizers run it)."""
+        self._check_period_set()
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
     def _check_period_set(self) -> None:
         for group in self.param_groups:
             if group["period"] == EPOCH:

@@ -153,11 +153,7 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step: the base update scaled per element by the gain (see rule)."""
-        self._check_period_set()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._begin_step(closure)
         for group in self.param_groups:
             params, grads, states = self._collect(group)
             if params:

@@ -85,11 +85,7 @@ class ActiveLR(ActiveMixin, Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        self._check_period_set()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._begin_step(closure)
         moved = []  # per group: the parameters whose step the gains change, where they stood
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
