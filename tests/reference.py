@@ -22,6 +22,13 @@ Per element: gain ``g = 1``, running sum ``s = 0``, previous sign absent. At eac
 Gains are clamped to ``[gain_min, gain_max]`` where given; then ``s = 0``. With
 ``grad_sum_dtype="bfloat16"`` the sum is rounded to bfloat16 after every addition.
 
+With ``gain_dtype="bfloat16"`` (the lean state) the element keeps its gain relative to
+``gain_init``, ``r`` (the step uses ``gain_init * r``), and a boundary that changes it computes
+in float32 what the float64 rule computes, then rounds to bfloat16:
+``r = bf16(clamp(f32(r) * f32(factor), f32(low), f32(high)))`` with ``factor`` ``1 + lr_high``
+or ``lr_low`` and the bounds ``gain_min / gain_init`` and ``gain_max / gain_init`` (a held
+gain is left as it is).
+
 With ``significance=z`` the element also sums its squared gradients ``q`` over the period,
 and at a boundary its sum counts as zero (no sign) unless ``|s| > z * sqrt(q)``; then
 ``q = 0``.
@@ -56,7 +63,7 @@ BASE_DEFAULTS = {
 }
 ACTIVE_DEFAULTS = dict(
     gain_min=None, gain_max=None, zero_sum="hold", gain_increase="additive", gain_init=1.0,
-    grad_sum_dtype=None, significance=None,
+    grad_sum_dtype=None, significance=None, gain_dtype=None,
 )
 
 
@@ -198,28 +205,47 @@ def _grown(gain: float, group: dict) -> float:
     return gain + group["lr_high"]
 
 
+def _f32(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def _rounded_gain(relative: float, grown: bool, group: dict) -> float:
+    """The lean state's new relative gain (module docstring): float32, then bfloat16."""
+    if group["gain_increase"] != "multiplicative":
+        raise ValueError("bfloat16 gains take the multiplicative increase only")
+    factor = 1 + group["lr_high"] if grown else group["lr_low"]
+    low = torch.finfo(torch.float32).tiny
+    if group["gain_min"] is not None:
+        low = max(group["gain_min"] / group["gain_init"], low)
+    high = math.inf if group["gain_max"] is None else group["gain_max"] / group["gain_init"]
+    new = (_f32(relative) * _f32(factor)).clamp(_f32(low), _f32(high))
+    return float(new.to(torch.bfloat16))
+
+
 def adapt_element(gain: float, prev, total: float, group: dict, squares: float = 0.0):
-    """One element at a boundary: returns ``(new gain, new previous sign)``."""
+    """One element at a boundary: returns ``(new gain, new previous sign)``. With
+    ``gain_dtype="bfloat16"`` the gain given and returned is the relative one."""
     sign = _sign(total)
     if group["significance"] is not None and not abs(total) > group["significance"] * math.sqrt(
         squares
     ):
         sign = 0  # the sum does not stand out of its period's noise
-    changed = False
+    changed = grown = False
     if group["zero_sum"] == "hold":
         if prev is not None and sign != 0:  # prev is never 0 under "hold"
-            gain = _grown(gain, group) if sign == prev else gain * group["lr_low"]
-            changed = True
+            changed, grown = True, sign == prev
         if sign != 0:
             prev = sign
     elif group["zero_sum"] == "flip":
         if prev is not None:
-            gain = _grown(gain, group) if prev * sign > 0 else gain * group["lr_low"]
-            changed = True
+            changed, grown = True, prev * sign > 0
         prev = sign
     else:
         raise ValueError(group["zero_sum"])
+    if changed and group["gain_dtype"] == "bfloat16":
+        return _rounded_gain(gain, grown, group), prev
     if changed:
+        gain = _grown(gain, group) if grown else gain * group["lr_low"]
         if group["gain_min"] is not None:
             gain = max(gain, group["gain_min"])
         if group["gain_max"] is not None:
@@ -256,7 +282,8 @@ class Reference:
                 p = group["params"][j]
                 if group["states"][j] is None:
                     group["states"][j] = {
-                        "gain": torch.full_like(p, group["gain_init"]),
+                        # the lean state keeps the relative gain (module docstring)
+                        "gain": torch.full_like(p, 1.0 if _lean(group) else group["gain_init"]),
                         "sum": torch.zeros_like(p),
                         "squares": torch.zeros_like(p),
                         "prev": [None] * p.numel(),
@@ -265,9 +292,11 @@ class Reference:
                 state = group["states"][j]
                 state["sum"] = state["sum"] + grad
                 state["squares"] = state["squares"] + grad * grad
-                if group["grad_sum_dtype"] == "bfloat16":  # the sum is stored in bfloat16
+                if group["grad_sum_dtype"] == "bfloat16":  # the sums are stored in bfloat16
                     state["sum"] = state["sum"].to(torch.bfloat16).to(torch.float64)
-                group["params"][j] = base_step(p, grad, state["base"], group, state["gain"])
+                    state["squares"] = state["squares"].to(torch.bfloat16).to(torch.float64)
+                group["params"][j] = base_step(p, grad, state["base"], group,
+                                               _absolute(state["gain"], group))
             group["clock"] += 1
             if group["clock"] % group["period"] == 0:
                 for state in group["states"]:
@@ -294,5 +323,15 @@ class Reference:
     def gains(self) -> list[list]:
         """Per group, per parameter: the gain tensor, or None before the parameter's state."""
         return [
-            [None if s is None else s["gain"] for s in group["states"]] for group in self.groups
+            [None if s is None else _absolute(s["gain"], group) for s in group["states"]]
+            for group in self.groups
         ]
+
+
+def _lean(group: dict) -> bool:
+    return group["gain_dtype"] == "bfloat16"
+
+
+def _absolute(gain: torch.Tensor, group: dict) -> torch.Tensor:
+    """The gain the step uses (the lean state keeps it relative to gain_init)."""
+    return group["gain_init"] * gain if _lean(group) else gain

@@ -25,13 +25,13 @@ OPTIONS = [
 ]
 
 
-def _states(option, n=4000, grad_sum_dtype=None, seed=0):
+def _states(option, n=4000, grad_sum_dtype=None, seed=0, gain_dtype=None):
     generator = torch.Generator().manual_seed(seed)
     states = []
     for shape in ((n,), (37, 11)):
         state: dict = {}
         rule.init_state(torch.zeros(shape), state, option["zero_sum"], grad_sum_dtype,
-                        option["significance"] is not None)
+                        option["significance"] is not None, gain_dtype)
         numel = state["gain"].numel()
         lattice = 1.5 ** torch.randint(-4, 5, (numel,), generator=generator).float()
         signs = torch.randint(0, 3, (numel,), generator=generator).float() - 1  # -1, 0, 1
@@ -62,10 +62,16 @@ def _clone(states):
     return [{k: v.clone() for k, v in s.items()} for s in states]
 
 
+#: (grad_sum_dtype, gain_dtype): the default, bfloat16 sums, the lean state
+STORAGES = [(None, None), ("bfloat16", None), ("bfloat16", "bfloat16")]
+STORAGE_IDS = ["fp32", "sum-bf16", "lean"]
+
+
 @pytest.mark.parametrize("option", OPTIONS, ids=range(len(OPTIONS)))
-@pytest.mark.parametrize("grad_sum_dtype", [None, "bfloat16"], ids=["sum-fp32", "sum-bf16"])
-def test_statistics_kept_by_the_boundary_equal_a_direct_computation(option, grad_sum_dtype):
-    states = _states(option, grad_sum_dtype=grad_sum_dtype)
+@pytest.mark.parametrize("grad_sum_dtype,gain_dtype", STORAGES, ids=STORAGE_IDS)
+def test_statistics_kept_by_the_boundary_equal_a_direct_computation(option, grad_sum_dtype,
+                                                                    gain_dtype):
+    states = _states(option, grad_sum_dtype=grad_sum_dtype, gain_dtype=gain_dtype)
     stats = rule.GainStats(torch.device("cpu"))
     counts = rule.end_period(states, _group(option), stats=stats)
     summary = rule.gain_summary(None, counts, option["gain_init"], stats)
@@ -95,9 +101,9 @@ def test_median_of_continuous_gains_is_within_half_a_bin():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("option", OPTIONS, ids=range(len(OPTIONS)))
-@pytest.mark.parametrize("grad_sum_dtype", [None, "bfloat16"], ids=["sum-fp32", "sum-bf16"])
-def test_compiled_boundary_equals_the_eager_one(option, grad_sum_dtype):
-    eager = _states(option, grad_sum_dtype=grad_sum_dtype, seed=4)
+@pytest.mark.parametrize("grad_sum_dtype,gain_dtype", STORAGES, ids=STORAGE_IDS)
+def test_compiled_boundary_equals_the_eager_one(option, grad_sum_dtype, gain_dtype):
+    eager = _states(option, grad_sum_dtype=grad_sum_dtype, seed=4, gain_dtype=gain_dtype)
     fused = _clone(eager)
     eager_stats, fused_stats = rule.GainStats(torch.device("cpu")), rule.GainStats(
         torch.device("cpu"))

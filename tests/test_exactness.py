@@ -171,7 +171,8 @@ def assert_gains_match(opt, nested_params, reference, msg="", **tol):
                 assert "gain" not in state, f"{msg} group {i} param {j}: unexpected state"
                 continue
             torch.testing.assert_close(
-                decode_gain(state["gain"]) * opt.param_groups[i]["gain_init"], ref_gain, **tol,
+                decode_gain(state["gain"]).to(ref_gain.dtype) * opt.param_groups[i]["gain_init"],
+                ref_gain, **tol,
                 msg=lambda m, i=i, j=j: f"{msg} gains, group {i} param {j}: {m}",
             )
 
@@ -327,14 +328,15 @@ def _active_overrides(period, lr_high, lr_low):
 def _run_against_reference(
     variant, *, period, lr_high, lr_low, zero_sum, foreach, steps, none=None, check_every=3,
     params_tol=TIGHT, gain_increase="additive", gain_init=1.0, gains_tol=EXACT,
-    grad_sum_dtype=None, significance=None,
+    grad_sum_dtype=None, significance=None, gain_dtype=None,
 ):
     cls, settings, base_groups = VARIANTS[variant]
     active_groups = _active_overrides(period, lr_high, lr_low)
     overrides = [{**b, **a} for b, a in zip(base_groups, active_groups)]
     active_settings = dict(lr_high=lr_high, lr_low=lr_low, period=period, zero_sum=zero_sum,
                            gain_increase=gain_increase, gain_init=gain_init,
-                           grad_sum_dtype=grad_sum_dtype, significance=significance)
+                           grad_sum_dtype=grad_sum_dtype, significance=significance,
+                           gain_dtype=gain_dtype)
     ps = make_params(seed=3)
     ref_groups = [{"params": [p.detach() for p in params], **ov}
                   for params, ov in zip(ps, overrides)]
@@ -441,6 +443,30 @@ def test_bfloat16_grad_sum_against_reference(variant, zero_sum):
         assert all(s["grad_sum"].dtype == torch.bfloat16 for s in opt.state.values())
         gains = torch.cat([decode_gain(s["gain"]).reshape(-1) for s in opt.state.values()])
         assert (gains > 1).any() and (gains < 1).any()
+
+
+@pytest.mark.parametrize("zero_sum", ["hold", "flip"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_lean_state_against_reference(variant, zero_sum):
+    """The lean state (bfloat16 gains and sums): the reference computes each changed gain in
+    float32 and rounds it to bfloat16, as documented; gains match it exactly and parameters
+    to float64 precision over many boundaries, with binding bounds, gain_init != 1, with and
+    without the significance test, on both eager paths."""
+    settings = dict(lr_high=0.5, lr_low=1 / 1.5, gain_increase="multiplicative",
+                    grad_sum_dtype="bfloat16", gain_dtype="bfloat16", zero_sum=zero_sum)
+    for period, foreach, significance, gain_init in itertools.product(
+        [2, 7], [True, False], [None, 1.0], [1.0, 0.3]
+    ):
+        opt, _ = _run_against_reference(
+            variant, period=period, foreach=foreach, steps=12 * period + 8,
+            significance=significance, gain_init=gain_init, **settings,
+        )
+        for state in opt.state.values():
+            assert state["gain"].dtype == state["grad_sum"].dtype == torch.bfloat16
+        gains = torch.cat([decode_gain(s["gain"]).reshape(-1) for s in opt.state.values()])
+        assert (gains > 1).any() and (gains < 1).any()
+        # rounding happened: some gains are off the float32 lattice 1.5**k
+        assert (gains.float() != 1.5 ** torch.round(torch.log(gains.float()) / math.log(1.5))).any()
 
 
 def test_bfloat16_grad_sum_loses_small_gradients_as_stated():

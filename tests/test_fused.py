@@ -21,6 +21,13 @@ CASES = [
     (hal.ActiveAdaBound, dict(lr_high=0.5, lr_low=0.5, weight_decay=0.1, amsbound=True)),
     (hal.ActiveSGD, dict(lr_high=0.5, lr_low=0.5, momentum=0.9, grad_sum_dtype="bfloat16")),
     (hal.ActiveAdamW, dict(grad_sum_dtype="bfloat16")),
+    # The lean state (bfloat16 gains and sums), with the default preset's rule: gain_init
+    # 0.3 and bounds that bind.
+    (hal.ActiveAdamW, {**hal.preset_kwargs("significant"), "period": 3, "significance": 1.0,
+                       "gain_min": 0.2, "gain_max": 1.0, "grad_sum_dtype": "bfloat16",
+                       "gain_dtype": "bfloat16"}),
+    (hal.ActiveSGD, dict(lr_high=0.5, lr_low=0.5, momentum=0.9, gain_increase="multiplicative",
+                         grad_sum_dtype="bfloat16", gain_dtype="bfloat16")),
 ]
 SHAPES = [(5, 3), (7,), (2, 3, 4)]
 
@@ -84,7 +91,8 @@ def test_recompile_limit_uses_the_name_this_torch_has(monkeypatch):
         return -grad
 
     monkeypatch.setattr(_fused, "_COMPILED", {})
-    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=None, fullgraph=False: fn)
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, dynamic=None, fullgraph=False, options=None: fn)
     old = types.SimpleNamespace(cache_size_limit=8)
     monkeypatch.setattr(torch._dynamo, "config", old)
     _fused._compiled_for(delta)
@@ -114,7 +122,8 @@ def test_recompile_limit_is_per_function_where_torch_compile_takes_one(monkeypat
 
     calls = []
 
-    def compile_with_limit(fn, *, dynamic=None, fullgraph=False, recompile_limit=None):
+    def compile_with_limit(fn, *, dynamic=None, fullgraph=False, recompile_limit=None,
+                           options=None):
         calls.append((fn.__name__, fullgraph, recompile_limit))
         return fn
 
@@ -213,7 +222,8 @@ def _failing_compiler(monkeypatch, fail_at_call: int):
     (counted over every compiled call), as a compiler error would."""
     calls = []
 
-    def compiled_for(delta_fn, impl=_fused._fused_step_impl, suffix="", dynamic=True):
+    def compiled_for(delta_fn, impl=_fused._fused_step_impl, suffix="", dynamic=True,
+                     options=None):
         def run(*args, **kwargs):
             calls.append(suffix)
             if len(calls) == fail_at_call:
@@ -255,7 +265,8 @@ def test_a_failed_compiled_boundary_falls_back_too(monkeypatch):
     steps_ok = []
     original = _fused._compiled_for
 
-    def compiled_for(delta_fn, impl=_fused._fused_step_impl, suffix="", dynamic=True):
+    def compiled_for(delta_fn, impl=_fused._fused_step_impl, suffix="", dynamic=True,
+                     options=None):
         if suffix == "_boundary":
             def fail(*args, **kwargs):
                 raise RuntimeError("forced boundary failure")

@@ -153,23 +153,27 @@ def test_bad_optim_args_are_clear_errors(tmp_path, optim_args, match):
         trainer.create_optimizer()
 
 
-def test_bfloat16_sums_from_optim_args_train_and_resume(tmp_path):
-    """optim_args="grad_sum_dtype=bfloat16" reaches the optimizer, the sums are bfloat16 in
-    training and in the checkpoint, and training resumes from it."""
-    common = dict(n=8, max_steps=4, save_strategy="steps", save_steps=2,
-                  optim_args="period=2,grad_sum_dtype=bfloat16," + FAST)
+def test_lean_state_from_optim_args_trains_and_resumes(tmp_path):
+    """optim_args="grad_sum_dtype=bfloat16,gain_dtype=bfloat16" (the lean state) reaches the
+    optimizer, sums and gains are bfloat16 in training and in the checkpoint, and training
+    resumes from it."""
+    common = dict(n=8, max_steps=12, save_strategy="steps", save_steps=6, optim="active_adamw",
+                  optim_args="period=5,grad_sum_dtype=bfloat16,gain_dtype=bfloat16," + FAST)
     trainer = make_trainer(tmp_path, **common)
     trainer.train()
     optimizer = active_optimizer(trainer)
     assert {g["grad_sum_dtype"] for g in optimizer.param_groups} == {"bfloat16"}
-    assert {s["grad_sum"].dtype for s in optimizer.state.values()} == {torch.bfloat16}
-    saved = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt")
-    assert {s["grad_sum"].dtype for s in saved["state"].values()} == {torch.bfloat16}
+    assert {g["gain_dtype"] for g in optimizer.param_groups} == {"bfloat16"}
+    for key in ("grad_sum", "gain"):
+        assert {s[key].dtype for s in optimizer.state.values()} == {torch.bfloat16}
+        saved = torch.load(tmp_path / "checkpoint-6" / "optimizer.pt")
+        assert {s[key].dtype for s in saved["state"].values()} == {torch.bfloat16}
     resumed = make_trainer(tmp_path, **common)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    assert resumed.state.global_step == 4
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    assert resumed.state.global_step == 12
     resumed_state = active_optimizer(resumed).state.values()
-    assert {s["grad_sum"].dtype for s in resumed_state} == {torch.bfloat16}
+    for key in ("grad_sum", "gain"):
+        assert {s[key].dtype for s in resumed_state} == {torch.bfloat16}
 
 
 # --- 2. the stock Trainer builds the optimizer -------------------------------------------

@@ -68,7 +68,7 @@ def _fused_chunk_impl(delta_fn, params, grads, gains, grad_sums, tensor_lists, s
                           alpha, None if grad_sq_sums is None else grad_sq_sums[index])
 
 
-def _compiled_for(delta_fn, impl=_fused_step_impl, suffix="", dynamic=True):
+def _compiled_for(delta_fn, impl=_fused_step_impl, suffix="", dynamic=True, options=None):
     compiled = _COMPILED.get((delta_fn, suffix))
     if compiled is None:
         # A distinct code object per variant gives each its own compile cache (Dynamo caches
@@ -77,10 +77,10 @@ def _compiled_for(delta_fn, impl=_fused_step_impl, suffix="", dynamic=True):
         impl = type(impl)(code, impl.__globals__, code.co_name)
         if "recompile_limit" in inspect.signature(torch.compile).parameters:
             # This function's own limit: the global config stays as it is.
-            compiled = torch.compile(impl, dynamic=dynamic, fullgraph=True,
+            compiled = torch.compile(impl, dynamic=dynamic, fullgraph=True, options=options,
                                      recompile_limit=_RECOMPILE_LIMIT)
         else:
-            compiled = torch.compile(impl, dynamic=dynamic, fullgraph=True)
+            compiled = torch.compile(impl, dynamic=dynamic, fullgraph=True, options=options)
             _raise_recompile_limit()  # torch.compile has imported torch._dynamo
         _COMPILED[(delta_fn, suffix)] = compiled
     return compiled
@@ -94,17 +94,19 @@ def _alias(tensor, flat: bool):
     return tensor.view(-1).detach() if flat else tensor.detach()
 
 
-def _as_tensors(scalars: dict, names, like: torch.Tensor, cache: dict) -> dict:
-    """The per-step floats ``names`` as 0-d tensors in ``like``'s dtype and device (a float64
-    scalar would make the whole kernel compute in float64), shared through ``cache``."""
+def _as_tensors(scalars: dict, names, param: torch.Tensor, cache: dict) -> dict:
+    """The per-step floats ``names`` as 0-d tensors on ``param``'s device, in float32 (float64
+    for float64 parameters: a float64 scalar would make the whole kernel compute in float64;
+    a bfloat16 one would round lr and the bias corrections), shared through ``cache``."""
     converted = dict(scalars)
+    dtype = rule.state_dtype(param)
     for name in names:
         value = scalars[name]
         if isinstance(value, float):
-            key = (name, value, like.dtype, like.device)
+            key = (name, value, dtype, param.device)
             tensor = cache.get(key)
             if tensor is None:
-                tensor = cache[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+                tensor = cache[key] = torch.tensor(value, dtype=dtype, device=param.device)
             converted[name] = tensor
     return converted
 
@@ -118,7 +120,7 @@ def fused_step(delta_fn, param, grad, state, tensors, scalars, step_scalars, cac
     everything = (param, grad, state["gain"], state["grad_sum"], grad_sq_sum, *tensors)
     flat = all(t is None or t.is_contiguous() for t in everything)
     param, grad, gain, grad_sum, grad_sq_sum, *tensors = (_alias(t, flat) for t in everything)
-    scalars = _as_tensors(scalars, step_scalars, state["gain"], cache)
+    scalars = _as_tensors(scalars, step_scalars, param, cache)
     _compiled_for(delta_fn)(delta_fn, param, grad, gain, grad_sum, tuple(tensors), scalars,
                             alpha, grad_sq_sum)
 
@@ -136,7 +138,7 @@ def fused_chunks(delta_fn, params, grads, states, tensor_lists, scalars, step_sc
     of one per tensor, which is what the per-tensor path spends most of its time on.
     ``progress`` (a list): ``indices`` of the chunks done are appended to it, so that a caller
     whose compilation fails midway knows which tensors were updated."""
-    scalars = _as_tensors(scalars, step_scalars, states[0]["gain"], cache)
+    scalars = _as_tensors(scalars, step_scalars, params[0], cache)
     compiled = _compiled_for(delta_fn, _fused_chunk_impl, "_chunk", dynamic=None)
     for start in range(0, len(params), CHUNK):
         stop = start + CHUNK
@@ -169,4 +171,20 @@ def fused_boundary(packed, grad_sum, grad_sq_sum, prev_sign, **scalars):
     tensors = (packed, grad_sum, grad_sq_sum, prev_sign)
     flat = all(t is None or t.is_contiguous() for t in tensors)
     aliases = [_alias(t, flat) for t in tensors]
-    return _compiled_for(rule.boundary_tensor, _boundary_impl, "_boundary")(*aliases, **scalars)
+    # emulate_precision_casts: Inductor otherwise keeps the float32 value where the code
+    # rounds a new gain to bfloat16 (gain_dtype) and reads it again (the statistics), so the
+    # kernel's figures would be those of unrounded gains, unlike the eager boundary's.
+    compiled = _compiled_for(rule.boundary_tensor, _boundary_impl, "_boundary",
+                             options=_boundary_options())
+    return compiled(*aliases, **scalars)
+
+
+def _boundary_options() -> dict | None:
+    """Inductor options of the boundary's graph (the setting exists from torch 2.6 on; older
+    releases compile without it, exact for float32 gains)."""
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config, "emulate_precision_casts"):
+        return {"emulate_precision_casts": True}
+    return None
+

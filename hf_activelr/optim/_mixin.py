@@ -12,7 +12,7 @@ from .config import OPTION_NAMES, ActiveConfig
 # Group settings added after the first release, with the values that reproduce the rule a
 # state saved without them ran (the paper's additive increase, gains from 1).
 PRE_OPTION_DEFAULTS = {"gain_increase": "additive", "gain_init": 1.0, "grad_sum_dtype": None,
-                       "significance": None}
+                       "significance": None, "gain_dtype": None}
 
 
 class _StatsCache:
@@ -63,7 +63,7 @@ class ActiveMixin:
         if "gain" not in state:
             self._forget_gain_stats()  # new state: the figures are computed afresh
         rule.ensure_state(param, state, group["zero_sum"], group["grad_sum_dtype"],
-                          group["significance"] is not None)
+                          group["significance"] is not None, group["gain_dtype"])
 
     def set_period(self, period: int, *, only_epoch: bool = True) -> None:
         """Set ``period`` (optimizer steps) on the groups that asked for ``"epoch"`` (or on all
@@ -303,14 +303,17 @@ class ActiveMixin:
                 if key not in ("active_step", "gain_changes"):  # a plain group restarts the clock
                     group.setdefault(key, value)
             self._init_active_group(group)
-            # The sum's storage follows the group's setting (a state saved under the other
-            # setting converts: bf16 -> fp32 is exact, fp32 -> bf16 keeps every sign).
+            # The storage of sums and gains follows the group's setting (a state saved under
+            # the other setting converts: bf16 -> fp32 is exact; fp32 -> bf16 keeps every
+            # sign, and rounds each gain to nearest as a boundary would).
             for param in group["params"]:
-                dtype = rule.sum_dtype(param, group["grad_sum_dtype"])
-                for key in ("grad_sum", "grad_sq_sum"):
-                    running = self.state.get(param, {}).get(key)
-                    if running is not None and running.dtype != dtype:
-                        self.state[param][key] = running.to(dtype)
+                dtypes = {"gain": rule.gain_dtype_of(param, group["gain_dtype"])}
+                dtypes["grad_sum"] = dtypes["grad_sq_sum"] = rule.sum_dtype(
+                    param, group["grad_sum_dtype"])
+                for key, dtype in dtypes.items():
+                    kept = self.state.get(param, {}).get(key)
+                    if kept is not None and kept.dtype != dtype:
+                        self.state[param][key] = kept.to(dtype)
         self._forget_gain_stats()
 
 

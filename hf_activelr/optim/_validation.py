@@ -56,6 +56,8 @@ ZERO_SUM_POLICIES = ("hold", "flip")  # see hf_activelr.optim.rule
 GAIN_INCREASES = ("additive", "multiplicative")  # see hf_activelr.optim.rule
 #: Storage dtypes of the running sum besides the default (the gains' dtype): see rule.
 GRAD_SUM_DTYPES = ("bfloat16",)
+#: Storage dtypes of the gains besides the default (see rule: the lean state).
+GAIN_DTYPES = ("bfloat16",)
 def check_period(period, allow_epoch: bool = True):
     """A positive int, or ``"epoch"``: one epoch of optimizer updates, which the training loop
     (``ActiveTrainer``, or the stock Trainer once hf_activelr is imported) sets at train start."""
@@ -86,17 +88,24 @@ def check_significance_reachable(significance, period: int) -> None:
         )
 
 
-def check_grad_sum_dtype(grad_sum_dtype):
-    """``None`` (the gains' dtype) or ``"bfloat16"``; ``torch.bfloat16`` is taken as its name,
-    so param groups and state dicts hold a plain string."""
-    if grad_sum_dtype is None:
+def _dtype_name(name: str, value, choices: tuple, default: str):
+    """``None`` or one of ``choices``; a ``torch.dtype`` is taken as its name, so param groups
+    and state dicts hold a plain string."""
+    if value is None:
         return None
-    name = grad_sum_dtype
-    if isinstance(grad_sum_dtype, torch.dtype):
-        name = str(grad_sum_dtype).removeprefix("torch.")
-    if name not in GRAD_SUM_DTYPES:
-        raise ValueError(
-            f"grad_sum_dtype must be None (the gains' dtype: float32, or float64 for float64 "
-            f"parameters) or one of {GRAD_SUM_DTYPES}, got {grad_sum_dtype!r}"
-        )
-    return name
+    text = str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
+    if text not in choices:
+        raise ValueError(f"{name} must be None ({default}) or one of {choices}, got {value!r}")
+    return text
+
+
+def check_grad_sum_dtype(grad_sum_dtype):
+    """``None`` (the gains' dtype) or ``"bfloat16"``."""
+    return _dtype_name("grad_sum_dtype", grad_sum_dtype, GRAD_SUM_DTYPES,
+                       "float32, or float64 for float64 parameters")
+
+
+def check_gain_dtype(gain_dtype):
+    """``None`` (float32, float64 for float64 parameters) or ``"bfloat16"``."""
+    return _dtype_name("gain_dtype", gain_dtype, GAIN_DTYPES,
+                       "float32, or float64 for float64 parameters")

@@ -20,6 +20,7 @@ from ._validation import (
     EPOCH,
     GAIN_INCREASES,
     ZERO_SUM_POLICIES,
+    check_gain_dtype,
     check_grad_sum_dtype,
     check_period,
     check_real,
@@ -68,8 +69,15 @@ class ActiveConfig:
         "hold", str, f"what a zero (or not significant) sum does: one of {ZERO_SUM_POLICIES}")
     grad_sum_dtype: str | None = _option(
         None, str,
-        "storage of the running sums: None (the gains' dtype) or 'bfloat16' (2 bytes less "
-        "per parameter and sum; every sign kept)")
+        "storage of the running sums: None (float32; float64 for float64 parameters) or "
+        "'bfloat16' (2 bytes less per parameter and sum; every sign kept)")
+    gain_dtype: str | None = _option(
+        None, str,
+        "storage of the gains: None (float32; float64 for float64 parameters) or 'bfloat16' "
+        "(2 bytes less per parameter; each new gain rounded to bfloat16; needs "
+        "gain_increase='multiplicative', lr_high >= 2**-7, lr_low <= 1 - 2**-7). With "
+        "grad_sum_dtype='bfloat16' the lean state: ActiveAdamW keeps 12 bytes per fp32 "
+        "parameter")
 
     def __post_init__(self):
         for name in ("lr_high", "lr_low"):
@@ -102,6 +110,9 @@ class ActiveConfig:
         if self.gain_max is not None and self.gain_init > self.gain_max:
             raise ValueError(f"gain_init must be <= gain_max ({self.gain_max}), got "
                              f"{self.gain_init}")
+        gain_dtype = check_gain_dtype(self.gain_dtype)
+        if gain_dtype is not None:
+            _check_rounded_gains(gain_dtype, self.gain_increase, self.lr_high, self.lr_low)
         # Normalised forms, as param groups and state dicts hold them.
         normal = {
             "lr_high": float(self.lr_high), "lr_low": float(self.lr_low), "period": period,
@@ -110,6 +121,7 @@ class ActiveConfig:
             "gain_init": float(self.gain_init),
             "significance": None if self.significance is None else float(self.significance),
             "grad_sum_dtype": check_grad_sum_dtype(self.grad_sum_dtype),
+            "gain_dtype": gain_dtype,
         }
         for name, value in normal.items():
             object.__setattr__(self, name, value)
@@ -135,6 +147,34 @@ class ActiveConfig:
     def help(cls) -> dict[str, str]:
         """``{option: help}``, in declaration order (the CLI's ``list`` prints it)."""
         return {f.name: f.metadata["help"] for f in fields(cls)}
+
+
+#: A gain stored in bfloat16 keeps 8 significant bits: relative spacing between 2**-8 and
+#: 2**-7. A change by a factor within 2**-7 of 1 could round back to the same gain.
+BF16_RELATIVE_STEP = 2.0**-7
+
+
+def _check_rounded_gains(gain_dtype: str, gain_increase: str, lr_high: float,
+                         lr_low: float) -> None:
+    """Refuse settings whose gain changes a bfloat16 gain cannot hold (the change would be
+    rounded away, silently freezing the gain): an additive increase (``gain + lr_high`` is
+    lost once the gain's spacing exceeds ``2 * lr_high``: at 512 for the paper's 2.0),
+    and factors within ``2**-7`` of 1 (each such change moves the gain by at least one
+    bfloat16 step)."""
+    if gain_increase != "multiplicative":
+        raise ValueError(
+            f"gain_dtype={gain_dtype!r} needs gain_increase='multiplicative', got "
+            f"{gain_increase!r}: an additive increase is rounded away once the gain's "
+            "bfloat16 spacing exceeds twice lr_high")
+    if lr_high < BF16_RELATIVE_STEP:
+        raise ValueError(
+            f"with gain_dtype={gain_dtype!r}, lr_high must be >= 2**-7 ({BF16_RELATIVE_STEP}), "
+            f"got {lr_high}: a smaller increase can round back to the same bfloat16 gain")
+    if lr_low > 1.0 - BF16_RELATIVE_STEP:
+        raise ValueError(
+            f"with gain_dtype={gain_dtype!r}, lr_low must be <= 1 - 2**-7 "
+            f"({1.0 - BF16_RELATIVE_STEP}), got {lr_low}: a smaller decrease can round back to "
+            "the same bfloat16 gain")
 
 
 #: The ActiveLR options, in declaration order: every param group of an Active optimizer

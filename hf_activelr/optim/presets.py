@@ -77,7 +77,7 @@ def preset_config(name: str, optimizer_cls=None) -> ActiveConfig:
 
 def preset_kwargs(name: str, optimizer_cls=None) -> dict:
     """The keyword arguments of :func:`preset_config` (every ActiveLR option but
-    ``zero_sum`` and ``grad_sum_dtype``, which no preset changes)."""
+    ``zero_sum``, ``grad_sum_dtype`` and ``gain_dtype``, which no preset changes)."""
     values = preset_config(name, optimizer_cls).group_values()
     return {key: value for key, value in values.items()
-            if key not in ("zero_sum", "grad_sum_dtype")}
+            if key not in ("zero_sum", "grad_sum_dtype", "gain_dtype")}

@@ -74,21 +74,28 @@ ACTIVE_STATE_KEYS = ("gain", "grad_sum", "grad_sq_sum", "prev_sign")
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:
-    """Gains and sums are kept in float32 at least: bf16 cannot add 0.05 to 1 exactly."""
+    """Gains and sums are kept in float32 at least by default: bf16 cannot add 0.05 to 1
+    exactly (``gain_dtype`` / ``grad_sum_dtype`` opt into bfloat16)."""
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
 def sum_dtype(param: torch.Tensor, grad_sum_dtype: str | None) -> torch.dtype:
-    """The running sum's dtype: the gains' (:func:`state_dtype`) unless the group asks for
+    """The running sum's dtype: :func:`state_dtype` unless the group asks for
     ``"bfloat16"``."""
     return state_dtype(param) if grad_sum_dtype is None else getattr(torch, grad_sum_dtype)
 
 
+def gain_dtype_of(param: torch.Tensor, gain_dtype: str | None) -> torch.dtype:
+    """The gains' dtype: :func:`state_dtype` unless the group asks for ``"bfloat16"``."""
+    return state_dtype(param) if gain_dtype is None else getattr(torch, gain_dtype)
+
+
 def init_state(param: torch.Tensor, state: dict, zero_sum: str,
-               grad_sum_dtype: str | None = None, significance: bool = False) -> None:
+               grad_sum_dtype: str | None = None, significance: bool = False,
+               gain_dtype: str | None = None) -> None:
     """Create the Active state of one parameter (gain reads as 1, empty running sums)."""
     state["gain"] = torch.zeros_like(
-        param, dtype=state_dtype(param), memory_format=torch.preserve_format
+        param, dtype=gain_dtype_of(param, gain_dtype), memory_format=torch.preserve_format
     )
     state["grad_sum"] = torch.zeros_like(
         param, dtype=sum_dtype(param, grad_sum_dtype), memory_format=torch.preserve_format
@@ -102,10 +109,11 @@ def init_state(param: torch.Tensor, state: dict, zero_sum: str,
 
 
 def ensure_state(param: torch.Tensor, state: dict, zero_sum: str,
-                 grad_sum_dtype: str | None = None, significance: bool = False) -> None:
+                 grad_sum_dtype: str | None = None, significance: bool = False,
+                 gain_dtype: str | None = None) -> None:
     """Create missing Active state (fresh params, or a state loaded from a plain optimizer)."""
     if "gain" not in state:
-        init_state(param, state, zero_sum, grad_sum_dtype, significance)
+        init_state(param, state, zero_sum, grad_sum_dtype, significance, gain_dtype)
         return
     if significance and "grad_sq_sum" not in state:
         # Switched on mid-period (a state saved without it): the squares of the steps already
@@ -185,7 +193,10 @@ def apply_single(
     grad_sum.add_(grad)
     if grad_sq_sum is not None:
         grad_sq_sum.addcmul_(grad, grad)
-    param.addcmul_(delta, decode_gain(gain), value=alpha)
+    # A bfloat16 gain (gain_dtype) is widened first: compiled, addcmul would otherwise round
+    # alpha (gain_init) to the gain's dtype (0.3 -> 0.30078), unlike the eager op.
+    scale = decode_gain(gain).to(torch.promote_types(gain.dtype, torch.float32))
+    param.addcmul_(delta, scale, value=alpha)
 
 
 def apply_foreach(
@@ -250,6 +261,11 @@ def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr
         cur = torch.where(grad_sum.to(compute).abs() > noise, cur, 0.0)
         grad_sq_sum.zero_()
     cur = cur.to(packed.dtype)
+    # The new gain is computed in float32 at least and rounded once, when stored: a bfloat16
+    # gain (gain_dtype) is decoded exactly, grows or shrinks in float32, then rounds to
+    # nearest (the reference rounds the same way; so do compiled kernels, which are built
+    # with emulate_precision_casts).
+    compute = torch.promote_types(packed.dtype, torch.float32)
     if prev_sign is None:  # hold: the previous sign is the gain's sign bit
         prev = torch.sign(packed)
         agree = (cur != 0) & (prev == cur)
@@ -258,11 +274,12 @@ def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr
         known = prev_sign != _NO_PREV
         agree = known & (prev_sign * cur > 0)
         flip = known & ~agree
-    gain = decode_gain(packed)
+    gain = decode_gain(packed).to(compute)
     # The paper's increase is additive; "multiplicative" (as in Rprop) makes the drift of
     # log(gain) under random signs negative when (1 + lr_high) * lr_low < 1.
     grown = gain * (1.0 + lr_high) if multiplicative else gain + gain_step
     new_gain = torch.where(agree, grown, torch.where(flip, gain * lr_low, gain)).clamp(low, high)
+    new_gain = new_gain.to(packed.dtype)  # rounded as stored (no-op for float32 gains)
     if prev_sign is None:
         # Keep the older sign where this sum is zero; 0 stays "no sign yet" (gain 1).
         packed.copy_(new_gain * torch.where(cur != 0, cur, prev))
@@ -279,7 +296,8 @@ def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr
 
 def histogram_bin(gain):
     """Each (positive) gain's bin of the ``log2`` histogram (see :data:`HIST_BINS`)."""
-    position = torch.log2(gain) * HIST_BINS_PER_OCTAVE + HIST_OCTAVES * HIST_BINS_PER_OCTAVE
+    position = torch.log2(gain.to(torch.promote_types(gain.dtype, torch.float32)))
+    position = position * HIST_BINS_PER_OCTAVE + HIST_OCTAVES * HIST_BINS_PER_OCTAVE
     return position.floor().clamp(0, HIST_BINS - 1).to(torch.int32)
 
 
@@ -437,6 +455,7 @@ __all__ = [
     "decode_gain",
     "end_period",
     "ensure_state",
+    "gain_dtype_of",
     "gain_summary",
     "init_state",
     "state_dtype",
