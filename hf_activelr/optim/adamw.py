@@ -32,7 +32,8 @@ class ActiveAdamW(ActiveOptimizer):
     With ``lr_high=0, lr_low=1`` it is ``torch.optim.AdamW``. Defaults ``lr_high=2.0,
     lr_low=0.5`` are the authors' ActiveAdam settings. ``period``: optimizer steps between
     gain updates (the paper: one epoch). State: torch AdamW's keys plus ``gain`` and
-    ``grad_sum`` (16 bytes per fp32 parameter; 14 with ``grad_sum_dtype="bfloat16"``). See
+    ``grad_sum`` (16 bytes per fp32 parameter; 14 with ``grad_sum_dtype="bfloat16"``; 12, the
+    lean state, with ``gain_dtype="bfloat16"`` too). See
     :mod:`hf_activelr.optim.rule`. The Trainer name
     ``active_adamw`` uses the noise-robust preset (``**preset_kwargs("significant")`` here,
     which adds ``grad_sq_sum``: 20 bytes per parameter; see :mod:`hf_activelr.optim.presets`),

@@ -38,6 +38,15 @@ State layout (per element, ``float32``, or ``float64`` for ``float64`` parameter
   (ActiveSGD's step moves 28 bytes per element instead of 32; SGD's own, 20). The price: a
   sum grown beyond about 256 times a gradient stops taking that gradient in, and a sum that
   nearly cancels may come out with the other sign or zero, where its sign is noise anyway.
+- the lean state, ``gain_dtype="bfloat16"`` (with ``grad_sum_dtype="bfloat16"``: ActiveAdamW
+  keeps 12 bytes per fp32 parameter, 14 with ``significance``): the packed gain in bfloat16.
+  A gain changes only at boundaries, where it is decoded exactly, grows or shrinks in
+  float32 and is rounded to nearest once, when stored (so the bounds hold to within the
+  rounding, 2**-9 relative); the sign bit keeps its meaning. bfloat16 keeps 8 significant
+  bits, so a change by a factor within 2**-7 of 1 could round back to the same gain, and an
+  additive increase is lost once the gain's spacing exceeds twice ``lr_high``: such settings
+  are refused (:class:`~hf_activelr.optim.config.ActiveConfig`). Its exponent range is
+  float32's: the floor and the bounds are the same.
 - ``grad_sq_sum`` (only with ``significance``): the period's ``sum(grad ** 2)``, in the running
   sum's dtype (4 more bytes per fp32 parameter).
 - ``prev_sign`` (``int8``, only with ``zero_sum="flip"``): the previous sum's sign, ``0`` for
