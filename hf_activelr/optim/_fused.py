@@ -188,3 +188,91 @@ def _boundary_options() -> dict | None:
         return {"emulate_precision_casts": True}
     return None
 
+
+# --- the ActiveLR wrapper's compiled path ----------------------------------------------------
+#
+# ``ActiveLR(optimizer)`` cannot fold the gain into a step it does not know: it sums the
+# gradients and copies the parameters before the wrapped step ("before"), and scales the
+# wrapped step's displacement after it ("after"). Each is one compiled loop per tensor,
+# ``CHUNK`` tensors per call, on flat aliases.
+
+
+def _lr_wrapper_before(params, grads, grad_sums, grad_sq_sums, starts):
+    """``s += grad`` (``q += grad ** 2`` where given); ``start = p`` (where given)."""
+    for index, grad in enumerate(grads):
+        grad_sums[index].add_(grad)
+        if grad_sq_sums is not None:
+            grad_sq_sums[index].addcmul_(grad, grad)
+        if starts is not None:
+            starts[index].copy_(params[index])
+
+
+def _lr_wrapper_after(params, starts, gains, alpha):
+    """``p = start + (p - start) * g * alpha``: the wrapped step's displacement scaled by the
+    decoded gain, in the order the eager wrapper computes it."""
+    for param, start, gain in zip(params, starts, gains):
+        displacement = (param - start) * rule.decode_gain(gain)
+        if alpha != 1.0:
+            displacement = displacement * alpha
+        param.copy_(displacement + start)
+
+
+def _chunk_bounds(count: int):
+    """``(start, stop)`` of the chunks of ``count`` tensors: ``CHUNK`` at a time, the rest in
+    powers of two. A call's list lengths are part of its graph, so a set of tensors that
+    changes from step to step (parameters without a gradient, gains that start to count)
+    reuses at most ``log2(CHUNK) + 2`` graphs instead of compiling one per length."""
+    start = 0
+    while count - start >= CHUNK:
+        yield start, start + CHUNK
+        start += CHUNK
+    size = 1 << max(CHUNK.bit_length() - 1, 0)
+    while start < count:
+        while size > count - start:
+            size >>= 1
+        yield start, start + size
+        start += size
+
+
+def _flat_aliases(columns):
+    """Per tensor (a row of ``columns``, None entries allowed): plain flat aliases where all
+    of its tensors are contiguous (one graph serves every shape and rank), else plain
+    aliases; DTensors (FSDP2) by their local part."""
+    rows = []
+    for row in zip(*columns):
+        local = [None if t is None else rule._local(t) for t in row]
+        flat = all(t is None or t.is_contiguous() for t in local)
+        rows.append([_alias(t, flat) for t in local])
+    return [list(column) for column in zip(*rows)] if rows else [[] for _ in columns]
+
+
+def lr_wrapper_before(params, grads, grad_sums, grad_sq_sums=None, starts=None,
+                      progress=None) -> None:
+    """The wrapper's work before the wrapped step, compiled: ``grad_sums += grads``
+    (``grad_sq_sums += grads ** 2`` where given), and ``starts`` (where given) get the
+    parameters' values; one loop per tensor reads each tensor once. ``progress`` (a list):
+    the indices of the tensors done are appended to it, chunk by chunk, so that a caller
+    whose compilation fails midway finishes the others eagerly."""
+    suffix = "_sq" if grad_sq_sums is not None else ""
+    suffix += "_copy" if starts is not None else ""
+    compiled = _compiled_for(_lr_wrapper_before, _lr_wrapper_before, suffix, dynamic=None)
+    none = [None] * len(params)
+    columns = _flat_aliases([params, grads, grad_sums, grad_sq_sums or none, starts or none])
+    for start, stop in _chunk_bounds(len(params)):
+        p, g, s, q, c = (column[start:stop] for column in columns)
+        compiled(p, g, s, None if grad_sq_sums is None else q, None if starts is None else c)
+        if progress is not None:
+            progress.extend(range(start, stop))
+
+
+def lr_wrapper_after(params, starts, gains, alpha: float = 1.0, progress=None) -> None:
+    """The wrapper's work after the wrapped step, compiled: ``p = start + (p - start) *
+    decode_gain(gain) * alpha``, one loop per tensor; ``progress`` as in
+    :func:`lr_wrapper_before`."""
+    compiled = _compiled_for(_lr_wrapper_after, _lr_wrapper_after, "", dynamic=None)
+    columns = _flat_aliases([params, starts, gains])
+    for start, stop in _chunk_bounds(len(params)):
+        p, c, g = (column[start:stop] for column in columns)
+        compiled(p, c, g, alpha)
+        if progress is not None:
+            progress.extend(range(start, stop))

@@ -5,9 +5,25 @@ The gain scales the element's learning rate. For optimizers whose step is linear
 ``p_new = p_old + g * (p_base - p_old)``, where ``p_base`` is where the wrapped optimizer's
 own step takes the parameter. The wrapper remembers ``p_old``, lets the optimizer step, and
 scales the displacement: no knowledge of the optimizer's internals, so it works with third
-party optimizers too. It costs a copy of the stepped parameters per step (none for a tensor
-whose gains all read 1) and a few passes over them; the built-in variants (``ActiveAdamW``,
-...) fold the gain into their update instead.
+party optimizers too; the built-in variants (``ActiveAdamW``, ...) fold the gain into their
+update instead, at a fraction of the cost.
+
+What it costs: two passes over the stepped tensors besides the wrapped step. Before it,
+``grad_sum += grad`` (and ``grad_sq_sum += grad ** 2`` with ``significance``) and a copy of
+the parameters; after it, ``p = start + gain_init * g * (p - start)``. For float32 that is
+20 + 16 bytes of memory traffic per parameter (read grad, read-write the sum, read p, write
+the copy; read p, the copy and the gain, write p) against about 28 for fused AdamW's own
+step: a two-pass wrapper cannot cost less than about 2.3x torch's fused AdamW step. Nothing
+is copied or scaled for a tensor whose gains all read 1 (``gain_init`` 1, before its first
+nonzero period sum). The copies live in buffers kept between steps on CPU (one more copy of
+the parameters in memory; a fresh one faults in every page, every step), in the caching
+allocator's blocks elsewhere.
+
+Two paths, chosen as the variants choose theirs (``fused``; see ``ActiveLR``): compiled, each
+pass one ``torch.compile``d loop per tensor, ``_fused.CHUNK`` tensors per call
+(:func:`~hf_activelr.optim._fused.lr_wrapper_before` / ``lr_wrapper_after``), and eager
+(``torch._foreach_*``), the reference the compiled path is tested against
+(``tests/test_wrapper_fused.py``: bitwise for float32 on CPU).
 """
 
 from __future__ import annotations
@@ -16,9 +32,12 @@ from collections import defaultdict
 
 import torch
 from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
 
-from . import rule
+from . import _fused, rule
 from ._mixin import ActiveMixin
+from ._validation import check_bool
+from .base import ActiveOptimizer, _group_by_device_and_dtype
 from .config import OPTION_NAMES, ActiveConfig
 
 
@@ -31,9 +50,14 @@ class ActiveLR(ActiveMixin, Optimizer):
     The ActiveLR options (``config`` and keyword arguments, see
     :class:`~hf_activelr.optim.config.ActiveConfig`; ``lr_high``, ``lr_low`` and ``period``
     are required) are stored in each param group.
+
+    ``fused``: True compiles the wrapper's own work (two loops per tensor, see the module
+    docstring), False keeps it eager (``torch._foreach_*``); None (default) compiles where it
+    wins, as the variants' default does. The wrapped optimizer's step is its own either way.
     """
 
-    def __init__(self, optimizer: Optimizer, *, config: ActiveConfig | None = None, **options):
+    def __init__(self, optimizer: Optimizer, *, config: ActiveConfig | None = None,
+                 fused: bool | None = None, **options):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 f"optimizer must be a constructed torch.optim.Optimizer, got {type(optimizer)!r}"
@@ -42,9 +66,12 @@ class ActiveLR(ActiveMixin, Optimizer):
             raise TypeError(f"{type(optimizer).__name__} is already Active; do not wrap it again")
         if config is not None and not isinstance(config, ActiveConfig):
             raise TypeError(f"config must be an ActiveConfig, got {type(config).__name__}")
+        if fused is not None:
+            check_bool("fused", fused)
         base = config.group_values() if config is not None else {}
         active = ActiveConfig.from_options(options, base).group_values()
         self.optimizer = optimizer
+        self._fused_option = fused
         super().__init__(optimizer.param_groups, {**optimizer.defaults, **active})
         # One list of group dicts for both: schedulers and add_param_group see the same groups.
         self.param_groups = optimizer.param_groups
@@ -72,7 +99,8 @@ class ActiveLR(ActiveMixin, Optimizer):
     def __getstate__(self) -> dict:
         # torch's Optimizer pickles defaults, state and param_groups only; the wrapped
         # optimizer goes along (its param_groups are this one's: one list, kept by the memo).
-        return {**super().__getstate__(), "optimizer": self.optimizer}
+        return {**super().__getstate__(), "optimizer": self.optimizer,
+                "_fused_option": self.__dict__.get("_fused_option")}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -82,6 +110,49 @@ class ActiveLR(ActiveMixin, Optimizer):
         group = self.param_groups[0] if self.param_groups else {}
         settings = ", ".join(f"{k}={group.get(k)}" for k in ("lr_high", "lr_low", "period"))
         return f"ActiveLR({settings},\n{self.optimizer!r})"
+
+    # -- the paths --------------------------------------------------------------------------
+
+    # The variants' path choice and fall back (base.py), shared: ``_use_path`` below answers
+    # "fused" or "foreach" as theirs does, which is all these read.
+    _auto_fused = ActiveOptimizer._auto_fused
+    _fused_failed = ActiveOptimizer._fused_failed
+    _boundary_fn = ActiveOptimizer._boundary_fn
+
+    def _use_path(self, group=None) -> str:
+        """``fused=True``: compiled; ``fused=False``: the eager foreach code; None (default):
+        compiled where it wins (:func:`~hf_activelr.optim.base.auto_fused`: CUDA with Triton,
+        CPU from ``AUTO_FUSED_MIN_ELEMENTS`` elements). A compiled path that failed stays off
+        for good (``_fused_failed``). The choice is the wrapper's, not per group: the groups
+        are the wrapped optimizer's, whose own ``fused`` / ``foreach`` keys they keep."""
+        if self.__dict__.get("_fused_error") is None:
+            fused = self.__dict__.get("_fused_option")  # absent: pickled before the option
+            if fused or (fused is None and self._auto_fused()):
+                return "fused"
+        return "foreach"
+
+    def _start_buffers(self, params) -> list[torch.Tensor]:
+        """Where the parameters' values are kept during the wrapped step. On CPU one buffer
+        per parameter, kept between steps (memory: one more copy of those parameters): a
+        fresh tensor of GPT-2's embedding size is a fresh mmap whose every page faults on
+        first write, every step (measured, 38.6M float32 on 2 cores: ``clone()`` 72 ms,
+        ``copy_`` into a kept buffer 15 ms). Elsewhere fresh tensors: the caching allocator
+        hands back the same blocks at no cost, and between steps they serve activations."""
+        if not params or params[0].device.type != "cpu":
+            return [torch.empty_like(p) for p in params]
+        buffers = self.__dict__.get("_starts")
+        if buffers is None:
+            buffers = self.__dict__["_starts"] = WeakIdKeyDictionary()
+        result = []
+        for param in params:
+            buffer = buffers.get(param)
+            if buffer is None or (buffer.shape, buffer.dtype, buffer.stride()) != (
+                    param.shape, param.dtype, param.stride()):
+                buffer = buffers[param] = torch.empty_like(param)
+            result.append(buffer)
+        return result
+
+    # -- the step ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -98,31 +169,89 @@ class ActiveLR(ActiveMixin, Optimizer):
                 states.append(state)
             if not params:
                 continue
-            # The raw gradients, before the wrapped optimizer may touch them.
-            torch._foreach_add_([s["grad_sum"] for s in states], [p.grad for p in params])
-            if group["significance"] is not None:
-                torch._foreach_addcmul_([s["grad_sq_sum"] for s in states],
-                                        [p.grad for p in params], [p.grad for p in params])
             # Where every gain reads 1 (and gain_init is 1) the wrapped step stands as it is.
             keep = [i for i, s in enumerate(states) if group["gain_init"] != 1.0
                     or not self._gain_multipliers.reads_one(s["gain"])]
+            starts = self._before(group, params, states, keep)
             if keep:
-                params = [params[i] for i in keep]
-                moved.append((group, params, [states[i] for i in keep],
-                              torch._foreach_mul(params, 1.0)))  # where they stood
+                moved.append((group, [params[i] for i in keep], [states[i] for i in keep],
+                              starts))
         self.optimizer.step()
         for group, params, states, starts in moved:
-            scales = self._gain_multipliers([s["gain"] for s in states])
-            scaled = [i for i, scale in enumerate(scales) if scale is not None]
-            torch._foreach_sub_(params, starts)  # the wrapped optimizer's displacement
-            if scaled:
-                torch._foreach_mul_([params[i] for i in scaled], [scales[i] for i in scaled])
-            if group["gain_init"] != 1.0:
-                torch._foreach_mul_(params, group["gain_init"])
-            torch._foreach_add_(params, starts)
+            self._after(group, params, states, starts)
         for group in self.param_groups:
             self._tick(group)
         return loss
+
+    def _before(self, group, params, states, keep) -> list[torch.Tensor]:
+        """Sum the raw gradients (before the wrapped optimizer may touch them) and remember
+        where the parameters ``keep`` (indices) stand: their values, returned."""
+        grads = [p.grad for p in params]
+        sums = [s["grad_sum"] for s in states]
+        squares = [s["grad_sq_sum"] for s in states] if group["significance"] is not None \
+            else None
+        starts = self._start_buffers([params[i] for i in keep])
+        start_of = dict(zip(keep, starts))
+        if self._use_path() == "foreach":
+            _before_eager(params, grads, sums, squares,
+                          [(params[i], start) for i, start in start_of.items()])
+            return starts
+        done: list[int] = []
+        try:
+            for bucket in _group_by_device_and_dtype(params):
+                for copied in (True, False):  # two graphs: with the copy, without
+                    subset = [i for i in bucket if (i in start_of) == copied]
+                    if not subset:
+                        continue
+                    progress: list[int] = []
+                    try:
+                        _fused.lr_wrapper_before(
+                            [params[i] for i in subset], [grads[i] for i in subset],
+                            [sums[i] for i in subset],
+                            None if squares is None else [squares[i] for i in subset],
+                            [start_of[i] for i in subset] if copied else None, progress)
+                    finally:
+                        done.extend(subset[i] for i in progress)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: see _fused_failed
+            self._fused_failed(error)
+            finished = set(done)
+            rest = [i for i in range(len(params)) if i not in finished]
+            _before_eager([params[i] for i in rest], [grads[i] for i in rest],
+                          [sums[i] for i in rest],
+                          None if squares is None else [squares[i] for i in rest],
+                          [(params[i], start_of[i]) for i in rest if i in start_of])
+        return starts
+
+    def _after(self, group, params, states, starts) -> None:
+        """``p = start + gain_init * g * (p - start)``: the wrapped step's displacement,
+        scaled by the gains."""
+        indices = list(range(len(params)))
+        if self._use_path() == "fused":
+            done: list[int] = []
+            try:
+                for bucket in _group_by_device_and_dtype(params):
+                    progress: list[int] = []
+                    try:
+                        _fused.lr_wrapper_after(
+                            [params[i] for i in bucket], [starts[i] for i in bucket],
+                            [states[i]["gain"] for i in bucket], group["gain_init"], progress)
+                    finally:
+                        done.extend(bucket[i] for i in progress)
+                return
+            except Exception as error:  # noqa: BLE001 - any compiler failure
+                self._fused_failed(error)
+                finished = set(done)
+                indices = [i for i in indices if i not in finished]
+        params = [params[i] for i in indices]
+        starts = [starts[i] for i in indices]
+        scales = self._gain_multipliers([states[i]["gain"] for i in indices])
+        scaled = [i for i, scale in enumerate(scales) if scale is not None]
+        torch._foreach_sub_(params, starts)  # the wrapped optimizer's displacement
+        if scaled:
+            torch._foreach_mul_([params[i] for i in scaled], [scales[i] for i in scaled])
+        if group["gain_init"] != 1.0:
+            torch._foreach_mul_(params, group["gain_init"])
+        torch._foreach_add_(params, starts)
 
     def state_dict(self) -> dict:
         """The wrapped optimizer's state dict with ``gain``/``grad_sum`` added per parameter."""
@@ -143,3 +272,14 @@ class ActiveLR(ActiveMixin, Optimizer):
         self.param_groups = self.optimizer.param_groups
         self.state = defaultdict(dict)
         self._restore_active_state(state_dict, previous)
+
+
+def _before_eager(params, grads, sums, squares, copies) -> None:
+    """The eager ``_before``: the sums (and squares) of ``params``' gradients; ``copies``:
+    (parameter, buffer) pairs whose buffer takes the parameter's values."""
+    if params:
+        torch._foreach_add_(sums, grads)
+        if squares is not None:
+            torch._foreach_addcmul_(squares, grads, grads)
+    if copies:
+        torch._foreach_copy_([buffer for _, buffer in copies], [param for param, _ in copies])
