@@ -86,8 +86,19 @@ def candidates(args):
             p, period=period, significance=0.5)),
         ("ActiveAdamW foreach, significance", "adamw", lambda p: hal.ActiveAdamW(
             p, period=period, significance=0.5, foreach=True)),
-        ("ActiveLR(torch AdamW fused)", "adamw", lambda p: hal.ActiveLR(
+        # The wrapper around torch's fused AdamW: its default (compiled from 10M parameter
+        # elements on CPU, on CUDA always), the compiled path and the eager (foreach) one.
+        ("ActiveLR(torch AdamW fused) default", "adamw", lambda p: hal.ActiveLR(
             torch.optim.AdamW(p, fused=True), lr_high=2.0, lr_low=0.5, period=period)),
+        ("ActiveLR(torch AdamW fused) compiled", "adamw", lambda p: hal.ActiveLR(
+            torch.optim.AdamW(p, fused=True), lr_high=2.0, lr_low=0.5, period=period,
+            fused=True)),
+        ("ActiveLR(torch AdamW fused) compiled, significance", "adamw", lambda p: hal.ActiveLR(
+            torch.optim.AdamW(p, fused=True), lr_high=2.0, lr_low=0.5, period=period,
+            significance=0.5, fused=True)),
+        ("ActiveLR(torch AdamW fused) eager", "adamw", lambda p: hal.ActiveLR(
+            torch.optim.AdamW(p, fused=True), lr_high=2.0, lr_low=0.5, period=period,
+            fused=False)),
         ("torch RAdam foreach", "adamw", lambda p: torch.optim.RAdam(p, foreach=True)),
         ("ActiveRAdam fused", "adamw", lambda p: hal.ActiveRAdam(p, period=period, fused=True)),
         ("ActiveRAdam foreach", "adamw",
