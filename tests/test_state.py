@@ -383,7 +383,9 @@ def test_gain_stats_values(cls):
             if t % period == 0:
                 direct = _direct_summary(old, gains(opt, group["params"]))
                 for key, value in direct.items():
-                    assert s[key] == pytest.approx(value, rel=1e-12, abs=0), (t, key)
+                    # the median from the histogram: its bin's middle (rule.HIST_BINS)
+                    rel = 2**-8 if key == "median" else 1e-12
+                    assert s[key] == pytest.approx(value, rel=rel, abs=0), (t, key)
                 if t >= 2 * period:
                     assert s["grew"] + s["shrank"] > 0
     final = opt.gain_stats()

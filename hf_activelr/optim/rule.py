@@ -235,14 +235,15 @@ def apply_foreach(
 
 # --- the period boundary -----------------------------------------------------------------
 
-#: Gain statistics without sorting: the median is read from a histogram of ``log2(gain)``
-#: (relative to ``gain_init``) with this many bins per octave over ``[2**-64, 2**64)``; each
-#: bin also sums its values, so a median bin holding one distinct value (the usual case: the
-#: multiplicative presets' gains lie on a lattice ``1.5 ** k``) gives the exact median, and
-#: any other is within half a bin (0.55%).
-HIST_BINS_PER_OCTAVE = 64
-HIST_OCTAVES = 64
-HIST_BINS = 2 * HIST_OCTAVES * HIST_BINS_PER_OCTAVE
+#: Gain statistics without sorting: the median is read from a histogram whose bins are the
+#: bfloat16 values, i.e. the top 16 bits of a float32 gain (relative to ``gain_init``): 128 bins
+#: per octave over the whole float32 range, found with a shift (no logarithm), counted by one
+#: ``bincount`` of 2-byte indices. A bfloat16 gain (the lean state) is its bin, so its median is
+#: exact; a float32 gain's median is its bin's middle, within 2**-8 (0.39%) of the exact one.
+#: (Bins that also summed their values, in float64, made the boundary's statistics cost about
+#: twice as much: README, "Benchmarks".)
+HIST_BINS_PER_OCTAVE = 128
+HIST_BINS = 1 << 15  # the bit patterns of positive bfloat16 values (sign bit clear)
 
 
 def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr_low: float,
@@ -253,14 +254,16 @@ def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr
     the additive increase relative to it; ``grad_sq_sum`` None: no significance test;
     ``prev_sign`` None: ``zero_sum="hold"``.
 
-    Returns ``(grew, shrank, nonfinite, min, max, sum, gains, bins)``: the counts, the new
-    (relative) gains' min, max and float64 sum, the gains themselves and each one's histogram
-    bin (int32), read once by :class:`GainStats`; without ``with_stats``, the counts only
-    (the rest None: the reductions and the histogram cost more than the update itself).
+    Returns ``(grew, shrank, nonfinite, min, max, sum, bins)``: the counts, the new (relative)
+    gains' min, max and float64 sum and each one's histogram bin (:func:`histogram_bin`), read
+    once by :class:`GainStats`; without ``with_stats``, the counts only (the rest None: the
+    statistics cost more than the update itself).
     """
     # A NaN sum (a NaN gradient in the period) carries no sign: it counts as a zero sum, and
-    # the sum restarts below, so one bad gradient does not poison the gain for good.
-    cur = torch.sign(grad_sum).nan_to_num(nan=0.0)
+    # the sum restarts below, so one bad gradient does not poison the gain for good. Written
+    # with comparisons (False for NaN), not sign().nan_to_num(): compiled for CPU, the NaN
+    # test is a scalar loop and made the boundary's kernel 2.3x slower.
+    cur = (grad_sum > 0).to(packed.dtype) - (grad_sum < 0).to(packed.dtype)
     if grad_sq_sum is not None:
         # Only a sum that stands out of its period's noise carries a sign (module doc). In
         # float32 at least: a compiled kernel computes bfloat16 sums' test in float32, and so
@@ -295,26 +298,32 @@ def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr
     else:
         packed.copy_(new_gain)
         prev_sign.copy_(cur)
-    nonfinite = (~torch.isfinite(grad_sum)).sum()
+    nonfinite = (~(grad_sum.abs() < math.inf)).sum()  # isfinite, vectorized (see above)
     grad_sum.zero_()
     if not with_stats:
-        return agree.sum(), flip.sum(), nonfinite, None, None, None, None, None
+        return agree.sum(), flip.sum(), nonfinite, None, None, None, None
     return (agree.sum(), flip.sum(), nonfinite, new_gain.min(), new_gain.max(),
-            new_gain.sum(dtype=torch.float64), new_gain, histogram_bin(new_gain))
+            new_gain.sum(dtype=torch.float64), histogram_bin(new_gain))
+
+
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
 def histogram_bin(gain):
-    """Each (positive) gain's bin of the ``log2`` histogram (see :data:`HIST_BINS`)."""
-    position = torch.log2(gain.to(torch.promote_types(gain.dtype, torch.float32)))
-    position = position * HIST_BINS_PER_OCTAVE + HIST_OCTAVES * HIST_BINS_PER_OCTAVE
-    return position.floor().clamp(0, HIST_BINS - 1).to(torch.int32)
+    """Each (positive) gain's histogram bin (:data:`HIST_BINS`): the bit pattern of its
+    bfloat16 truncation, int16. A float64 gain is rounded to float32 first (kept normal)."""
+    if gain.dtype == torch.bfloat16:
+        return gain.view(torch.int16)
+    if gain.dtype != torch.float32:
+        gain = gain.float().clamp(min=_FLOAT32_TINY)
+    return (gain.view(torch.int32) >> 16).to(torch.int16)
 
 
-def gain_histogram(bins, gain) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per histogram bin: how many gains, and their float64 sum."""
-    flat = bins.reshape(-1)
-    return (torch.bincount(flat, minlength=HIST_BINS).to(torch.float64),
-            torch.bincount(flat, weights=gain.reshape(-1).double(), minlength=HIST_BINS))
+def bin_value(index: int, exact: bool) -> float:
+    """A bin's value: the bfloat16 itself (``exact``: the gains were bfloat16), else the middle
+    of the float32 values the bin holds."""
+    bits = torch.tensor([(index << 16) | (0 if exact else 0x8000)], dtype=torch.int32)
+    return float(bits.view(torch.float32))
 
 
 class GainStats:
@@ -330,35 +339,36 @@ class GainStats:
         self.low = math.inf
         self.high = -math.inf
         self.total = torch.zeros((), dtype=torch.float64, device=device)
-        self.count = torch.zeros(HIST_BINS, dtype=torch.float64, device=device)
-        self.bin_sum = torch.zeros(HIST_BINS, dtype=torch.float64, device=device)
+        self.count = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
+        self.exact = True  # every gain added was bfloat16: each bin holds one value
 
-    def add(self, gain, bins, low, high, total) -> None:
-        gain, bins, low, high, total = (_local(t) for t in (gain, bins, low, high, total))
-        self.elements += gain.numel()
+    def add(self, bins, low, high, total) -> None:
+        bins, low, high, total = (_local(t) for t in (bins, low, high, total))
+        self.elements += bins.numel()
+        self.exact = self.exact and low.dtype == torch.bfloat16
         # min / max stay on the device: no host sync per tensor
         low, high = low.to(self.device, torch.float64), high.to(self.device, torch.float64)
         self.low = low if not torch.is_tensor(self.low) else torch.minimum(self.low, low)
         self.high = high if not torch.is_tensor(self.high) else torch.maximum(self.high, high)
         self.total += total.to(self.device)
-        count, bin_sum = gain_histogram(bins, gain)
-        self.count += count.to(self.device)
-        self.bin_sum += bin_sum.to(self.device)
+        self.count += torch.bincount(bins.reshape(-1), minlength=HIST_BINS).to(self.device)
 
     def add_gains(self, gain) -> None:
         """Add a tensor of decoded (relative) gains."""
         gain = _local(gain)
         if gain.numel():
             low, high = torch.aminmax(gain)
-            self.add(gain, histogram_bin(gain), low, high, gain.sum(dtype=torch.float64))
+            self.add(histogram_bin(gain), low, high, gain.sum(dtype=torch.float64))
 
     def median(self) -> float:
-        """The lower median (as ``torch.median``): the mean of its histogram bin's values."""
+        """The lower median (as ``torch.median``): exact for bfloat16 gains, else its bin's
+        middle (within 2**-8); never outside the exact min and max."""
         rank = (self.elements - 1) // 2
         cumulative = torch.cumsum(self.count, 0)
         index = int(torch.searchsorted(cumulative, torch.tensor(
-            float(rank + 1), dtype=torch.float64, device=cumulative.device)))
-        return float(self.bin_sum[index] / self.count[index])
+            rank + 1, dtype=torch.int64, device=cumulative.device)))
+        value = bin_value(index, self.exact)
+        return min(max(value, float(self.low)), float(self.high))
 
     def summary(self, gain_init: float) -> dict:
         if self.elements == 0:
@@ -417,13 +427,13 @@ def end_period(states: Iterable[dict], group: dict, boundary=boundary_tensor,
             state["grad_sq_sum"] if group["significance"] is not None else None,
             state["prev_sign"] if group["zero_sum"] == "flip" else None, **scalars,
             with_stats=stats is not None)
-        agree, flip, bad, low, high, gain_sum, gains, bins = outputs
+        agree, flip, bad, low, high, gain_sum, bins = outputs
         grew = grew + _local(agree)
         shrank = shrank + _local(flip)
         nonfinite = nonfinite + _local(bad)
         total += packed.numel()
         if stats is not None:
-            stats.add(gains, bins, low, high, gain_sum)
+            stats.add(bins, low, high, gain_sum)
     counts = {"grew": int(grew), "shrank": int(shrank), "elements": total,
               "nonfinite": int(nonfinite)}  # total: the whole tensors' (numel of a DTensor)
     if stats is not None:
