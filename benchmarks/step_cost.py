@@ -63,6 +63,11 @@ def load_reference(directory: str):
     return module.ActiveAdam
 
 
+#: The lean state's options (see hf_activelr.optim.config: gain_dtype).
+LEAN = dict(gain_dtype="bfloat16", grad_sum_dtype="bfloat16", gain_increase="multiplicative",
+            lr_high=0.5, lr_low=1 / 1.5)
+
+
 def candidates(args):
     """(name, peer, factory): peer names the torch fused optimizer the ratio is taken against."""
     # Period 1 for the first two steps, so every gain is set (steady state: the eager paths
@@ -86,6 +91,16 @@ def candidates(args):
             p, period=period, significance=0.5)),
         ("ActiveAdamW foreach, significance", "adamw", lambda p: hal.ActiveAdamW(
             p, period=period, significance=0.5, foreach=True)),
+        # The lean state: bfloat16 gains and sums (12 bytes per parameter, 14 with the
+        # significance test), with the multiplicative rule it requires.
+        ("ActiveAdamW fused, lean", "adamw", lambda p: hal.ActiveAdamW(
+            p, period=period, fused=True, **LEAN)),
+        ("ActiveAdamW default, lean", "adamw", lambda p: hal.ActiveAdamW(
+            p, period=period, **LEAN)),
+        ("ActiveAdamW fused, lean, significance", "adamw", lambda p: hal.ActiveAdamW(
+            p, period=period, significance=0.5, fused=True, **LEAN)),
+        ("ActiveAdamW foreach, lean", "adamw", lambda p: hal.ActiveAdamW(
+            p, period=period, foreach=True, **LEAN)),
         # The wrapper around torch's fused AdamW: its default (compiled from 10M parameter
         # elements on CPU, on CUDA always), the compiled path and the eager (foreach) one.
         ("ActiveLR(torch AdamW fused) default", "adamw", lambda p: hal.ActiveLR(
