@@ -71,8 +71,14 @@ STORAGE_IDS = ["fp32", "sum-bf16", "lean"]
 @pytest.mark.parametrize("grad_sum_dtype,gain_dtype", STORAGES, ids=STORAGE_IDS)
 def test_statistics_kept_by_the_boundary_equal_a_direct_computation(option, grad_sum_dtype,
                                                                     gain_dtype):
+    # a first boundary finds the median's bin; the same boundary again, told that bin, sums
+    # its gains (as the optimizer does from one period to the next)
+    probe = rule.GainStats(torch.device("cpu"))
+    rule.end_period(_states(option, grad_sum_dtype=grad_sum_dtype, gain_dtype=gain_dtype),
+                    _group(option), stats=probe)
+    probe.median()
     states = _states(option, grad_sum_dtype=grad_sum_dtype, gain_dtype=gain_dtype)
-    stats = rule.GainStats(torch.device("cpu"))
+    stats = rule.GainStats(torch.device("cpu"), (probe.find_median_bin(), 0, 1))
     counts = rule.end_period(states, _group(option), stats=stats)
     summary = rule.gain_summary(None, counts, option["gain_init"], stats)
     gains = torch.cat([rule.decode_gain(s["gain"]).flatten() for s in states]).double()
@@ -81,12 +87,14 @@ def test_statistics_kept_by_the_boundary_equal_a_direct_computation(option, grad
     assert summary["min"] == pytest.approx(gains.min().item(), rel=1e-7)
     assert summary["max"] == pytest.approx(gains.max().item(), rel=1e-7)
     assert summary["mean"] == pytest.approx(gains.mean().item(), rel=1e-12)
-    # the histogram's median: exact for bfloat16 gains, its bin's middle for float32 ones
+    # lattice gains, one value per bin: the median is exact (the bin's sum / count, or the
+    # bfloat16 bin itself); without the bin's sum, its middle
     exact = gains.median().item()
-    if gain_dtype == "bfloat16":
-        assert summary["median"] == exact
-    else:
-        assert summary["median"] == pytest.approx(exact, rel=2**-8)
+    assert summary["median"] == pytest.approx(exact, rel=1e-12)
+    middle = rule.gain_summary(None, counts, option["gain_init"], probe)["median"]
+    assert middle == pytest.approx(exact, rel=2**-8)
+    if gain_dtype != "bfloat16":
+        assert middle != pytest.approx(exact, rel=1e-12)
     assert counts["nonfinite"] == 6  # NaN, +inf, -inf in each of the two tensors
     # the same figures from the gains alone (after a load: no boundary statistics)
     again = rule.gain_summary([s["gain"] for s in states], counts, option["gain_init"])
@@ -109,6 +117,50 @@ def test_median_of_continuous_gains_is_within_half_a_bin(dtype):
     assert summary["min"] == gains.min().item() and summary["max"] == gains.max().item()
 
 
+def test_median_from_gains_is_exact_on_a_lattice():
+    """After a load (no boundary kept the statistics) the median of lattice gains is exact:
+    a second pass sums the median's bin."""
+    generator = torch.Generator().manual_seed(5)
+    gains = 0.3 * 1.5 ** torch.randint(-6, 7, (10_001,), generator=generator).float()
+    assert rule.gain_summary([gains], None)["median"] == gains.median().item()
+
+
+def test_a_wrong_guess_of_the_median_bin_is_harmless():
+    """The boundary sums the gains of the last median's bin; if the median moved to another
+    bin, the figure is that bin's middle (within 2**-8), never the wrong bin's mean."""
+    states = _states(OPTIONS[1])
+    one = int(rule.histogram_bin(torch.tensor([1.0])))
+    stats = rule.GainStats(torch.device("cpu"), (one + 300, one + 301, one + 302))
+    counts = rule.end_period(states, _group(OPTIONS[1]), stats=stats)
+    gains = torch.cat([rule.decode_gain(s["gain"]).flatten() for s in states]).double() * 0.3
+    median = rule.gain_summary(None, counts, 0.3, stats)["median"]
+    assert median == pytest.approx(gains.median().item(), rel=2**-8)
+    assert stats.find_median_bin() not in stats.guess
+
+
+def test_the_optimizer_remembers_the_median_bin():
+    """An optimizer whose statistics are read reports the medians of its lattice gains
+    (float32) to float32 precision: each boundary sums the bins the last median may move to."""
+    from hf_activelr import ActiveAdamW, preset_kwargs
+
+    params = [torch.nn.Parameter(torch.randn(300, 7)), torch.nn.Parameter(torch.randn(50))]
+    optimizer = ActiveAdamW(params, lr=1e-2, **{**preset_kwargs("significant"), "period": 3,
+                                                 "significance": 1.0})
+    generator = torch.Generator().manual_seed(1)
+    exact_seen = 0
+    for _ in range(39):
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=generator) + 0.3
+        optimizer.step()
+        median = optimizer.gain_stats()[0]["median"]
+        gains = torch.cat([rule.decode_gain(optimizer.state[p]["gain"]).flatten()
+                           for p in params]).double() * 0.3
+        assert median == pytest.approx(gains.median().item(), rel=2**-8)
+        # the bin's mean: the lattice values a bin holds differ by float32 roundings only
+        exact_seen += median == pytest.approx(gains.median().item(), rel=1e-6)
+    assert exact_seen >= 35
+
+
 def test_median_bins_cover_the_whole_float32_range():
     """Gains from the float32 floor to far above 1 (a collapsed gain, a bound of 1e30): each
     in its own bin, the median right."""
@@ -126,8 +178,10 @@ def test_median_bins_cover_the_whole_float32_range():
 def test_compiled_boundary_equals_the_eager_one(option, grad_sum_dtype, gain_dtype):
     eager = _states(option, grad_sum_dtype=grad_sum_dtype, seed=4, gain_dtype=gain_dtype)
     fused = _clone(eager)
-    eager_stats, fused_stats = rule.GainStats(torch.device("cpu")), rule.GainStats(
-        torch.device("cpu"))
+    # told a bin to sum (the one of 1.5, on the test's lattice), as from the second period on
+    bins = tuple(int(b) for b in rule.histogram_bin(torch.tensor([1.5, 1.0, 2.25])))
+    eager_stats = rule.GainStats(torch.device("cpu"), bins)
+    fused_stats = rule.GainStats(torch.device("cpu"), bins)
     eager_counts = rule.end_period(eager, _group(option), stats=eager_stats)
     fused_counts = rule.end_period(fused, _group(option), fused_boundary, fused_stats)
     assert eager_counts == fused_counts
@@ -136,6 +190,9 @@ def test_compiled_boundary_equals_the_eager_one(option, grad_sum_dtype, gain_dty
             assert torch.equal(a[key], b[key]), key
     assert rule.gain_summary(None, eager_counts, 1.0, eager_stats) == pytest.approx(
         rule.gain_summary(None, fused_counts, 1.0, fused_stats), rel=1e-12)
+    assert torch.equal(eager_stats.guess_count, fused_stats.guess_count)
+    assert (eager_stats.guess_count > 0).all()
+    torch.testing.assert_close(eager_stats.guess_sum, fused_stats.guess_sum, rtol=1e-12, atol=0)
 
 
 def test_gain_stats_after_a_boundary_read_no_gain(monkeypatch):
@@ -156,13 +213,14 @@ def test_gain_stats_after_a_boundary_read_no_gain(monkeypatch):
         optimizer.step()
     assert optimizer._stats_cache().boundary == {}  # nobody asked: nothing kept
     first = optimizer.gain_stats()
-    assert reads == [120, 7]  # the first call reads the gains once
+    # the first call reads the gains: the histogram, then the sum of the median's bin
+    assert reads == [120, 7, 120, 7]
     for step in range(4, 6):
         for param in params:
             param.grad = torch.randn_like(param) + 0.5
         optimizer.step()
     after = optimizer.gain_stats()
-    assert reads == [120, 7]  # kept by the boundary at step 6
+    assert reads == [120, 7, 120, 7]  # kept by the boundary at step 6
     assert after[0]["step"] == 6 and after[0] != first[0]
     fresh = [rule.decode_gain(optimizer.state[p]["gain"]).flatten() for p in params]
     everything = torch.cat(fresh).double()

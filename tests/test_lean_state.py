@@ -245,3 +245,27 @@ def test_a_refused_lean_group_on_load_loses_nothing():
         for key, value in state.items():
             assert torch.equal(after["state"][index][key], value), key
     assert after["param_groups"] == before["param_groups"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lean", [False, True], ids=["fp32", "lean"])
+def test_boundary_benchmark_runs(lean, capsys):
+    """benchmarks/boundary_cost.py (README's boundary figures) on a tiny model."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    directory = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(directory))
+    try:
+        spec = importlib.util.spec_from_file_location("boundary_cost",
+                                                      directory / "boundary_cost.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main(["--layers", "1", "--vocab", "64", "--width", "32", "--repeats", "1"]
+                    + (["--lean"] if lean else []))
+    finally:
+        sys.path.remove(str(directory))
+    printed = capsys.readouterr().out
+    assert "| boundary, compiled, with statistics |" in printed
+    assert ("bfloat16 gains" if lean else "float32 gains") in printed

@@ -158,13 +158,14 @@ def fused_chunks(delta_fn, params, grads, states, tensor_lists, scalars, step_sc
                             else range(start, min(stop, len(params))))
 
 
-def _boundary_impl(packed, grad_sum, grad_sq_sum, prev_sign, lr_high, lr_low, low, high,
-                   significance, multiplicative, gain_step, with_stats):
+def _boundary_impl(packed, grad_sum, grad_sq_sum, prev_sign, median_bins, lr_high, lr_low, low,
+                   high, significance, multiplicative, gain_step, with_stats):
     return rule.boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high, lr_low, low,
-                                high, significance, multiplicative, gain_step, with_stats)
+                                high, significance, multiplicative, gain_step, with_stats,
+                                median_bins)
 
 
-def fused_boundary(packed, grad_sum, grad_sq_sum, prev_sign, **scalars):
+def fused_boundary(packed, grad_sum, grad_sq_sum, prev_sign, median_bins=None, **scalars):
     """:func:`rule.boundary_tensor` compiled (one loop per tensor instead of some thirty
     eager passes, the boundary's cost on CPU), on flat aliases so that one graph serves every
     shape; the group's settings are constants of the graph (they change rarely)."""
@@ -176,7 +177,8 @@ def fused_boundary(packed, grad_sum, grad_sq_sum, prev_sign, **scalars):
     # kernel's figures would be those of unrounded gains, unlike the eager boundary's.
     compiled = _compiled_for(rule.boundary_tensor, _boundary_impl, "_boundary",
                              options=_boundary_options())
-    return compiled(*aliases, **scalars)
+    # median_bins (a tensor, changing from period to period) is an input, not a constant.
+    return compiled(*aliases, median_bins, **scalars)
 
 
 def _boundary_options() -> dict | None:

@@ -22,6 +22,7 @@ class _StatsCache:
     def __init__(self):
         self.summary: dict = {}
         self.boundary: dict = {}
+        self.median: dict = {}  # the last (relative) median (see rule.median_guesses)
         # Set by the first gain_stats() call: from then on boundaries keep the statistics
         # (a loop that never asks for them does not pay for them).
         self.tracking = False
@@ -109,7 +110,8 @@ class ActiveMixin:
             cache = self._stats_cache()
             stats = None
             if cache.tracking:  # someone reads gain_stats(): keep them in passing
-                stats = rule.GainStats(states[0]["gain"].device if states else "cpu")
+                guesses = rule.median_guesses(cache.median.get(id(group), 1.0), group)
+                stats = rule.GainStats(states[0]["gain"].device if states else "cpu", guesses)
             group["gain_changes"] = rule.end_period(states, group, self._boundary_fn(group),
                                                     stats)
             cache.clear_group(group)
@@ -144,9 +146,9 @@ class ActiveMixin:
 
         Gains change only at boundaries, so the figures are kept from the last boundary
         (which computed them in passing) or, after a load or a new group, computed once in
-        one pass over the gains (exact min, max and mean; the median from a histogram, see
-        :data:`rule.HIST_BINS_PER_OCTAVE`): calling this at every logging step costs nothing
-        in between.
+        two passes over the gains (exact min, max and mean; the median from a histogram, see
+        :data:`rule.HIST_BINS`): calling this at every logging step costs nothing in
+        between.
         """
         cache = self._stats_cache()
         cache.tracking = True
@@ -157,6 +159,7 @@ class ActiveMixin:
                 summary = rule.gain_summary(
                     [s["gain"] for s in self._active_states(group)], group.get("gain_changes"),
                     group["gain_init"], cache.boundary.pop(id(group), None),
+                    cache.median, id(group),
                 )
                 cache.summary[id(group)] = summary
             result.append({**summary, "step": group["active_step"], "period": group["period"]})

@@ -239,24 +239,30 @@ def apply_foreach(
 #: bfloat16 values, i.e. the top 16 bits of a float32 gain (relative to ``gain_init``): 128 bins
 #: per octave over the whole float32 range, found with a shift (no logarithm), counted by one
 #: ``bincount`` of 2-byte indices. A bfloat16 gain (the lean state) is its bin, so its median is
-#: exact; a float32 gain's median is its bin's middle, within 2**-8 (0.39%) of the exact one.
-#: (Bins that also summed their values, in float64, made the boundary's statistics cost about
-#: twice as much: README, "Benchmarks".)
+#: exact. For float32 gains the boundary also sums, in float64, the gains of three bins: the
+#: last median's, and the bins of that median grown and shrunk once by the rule (where a
+#: median that moves goes first: :func:`median_guesses`); when the new median falls in one of
+#: them, the median is that bin's mean, exact when the bin holds one value (the usual case:
+#: the presets' gains lie on a lattice ``1.5 ** k``); otherwise it is the bin's middle, within
+#: 2**-8 (0.39%) of the exact one. (Bins that all summed their values, in float64, made
+#: the boundary's statistics cost about twice as much: README, "Benchmarks".)
 HIST_BINS_PER_OCTAVE = 128
 HIST_BINS = 1 << 15  # the bit patterns of positive bfloat16 values (sign bit clear)
 
 
 def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr_low: float,
                     low: float, high: float, significance: float, multiplicative: bool,
-                    gain_step: float, with_stats: bool = True):
+                    gain_step: float, with_stats: bool = True, median_bins=None):
     """One tensor's period boundary, in place (pure tensor code: run eagerly, or compiled by
     the fused path). ``low`` / ``high``: the bounds relative to ``gain_init``; ``gain_step``:
     the additive increase relative to it; ``grad_sq_sum`` None: no significance test;
     ``prev_sign`` None: ``zero_sum="hold"``.
 
-    Returns ``(grew, shrank, nonfinite, min, max, sum, bins)``: the counts, the new (relative)
-    gains' min, max and float64 sum and each one's histogram bin (:func:`histogram_bin`), read
-    once by :class:`GainStats`; without ``with_stats``, the counts only (the rest None: the
+    Returns ``(grew, shrank, nonfinite, min, max, sum, bins, in_bin, in_bin_sum)``: the
+    counts, the new (relative) gains' min, max and float64 sum, each one's histogram bin
+    (:func:`histogram_bin`), and per bin of ``median_bins`` (an integer tensor of
+    :data:`GUESSES` bins, or None) how many gains fall in it and their float64 sum, read once
+    by :class:`GainStats`; without ``with_stats``, the counts only (the rest None: the
     statistics cost more than the update itself).
     """
     # A NaN sum (a NaN gradient in the period) carries no sign: it counts as a zero sum, and
@@ -301,9 +307,16 @@ def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr
     nonfinite = (~(grad_sum.abs() < math.inf)).sum()  # isfinite, vectorized (see above)
     grad_sum.zero_()
     if not with_stats:
-        return agree.sum(), flip.sum(), nonfinite, None, None, None, None
+        return agree.sum(), flip.sum(), nonfinite, None, None, None, None, None, None
+    bins = histogram_bin(new_gain)
+    in_bin = in_bin_sum = None
+    if median_bins is not None:
+        masks = [bins == median_bins[k] for k in range(GUESSES)]
+        in_bin = torch.stack([mask.sum() for mask in masks])
+        in_bin_sum = torch.stack([torch.where(mask, new_gain, 0.0).sum(dtype=torch.float64)
+                                  for mask in masks])
     return (agree.sum(), flip.sum(), nonfinite, new_gain.min(), new_gain.max(),
-            new_gain.sum(dtype=torch.float64), histogram_bin(new_gain))
+            new_gain.sum(dtype=torch.float64), bins, in_bin, in_bin_sum)
 
 
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
@@ -331,8 +344,13 @@ class GainStats:
     and sum, and the histogram the median is read from. Combines across ranks by addition
     (and min / max)."""
 
-    def __init__(self, device):
+    def __init__(self, device, median_bins: tuple | None = None):
         self.device = device
+        # the bins whose gains are summed (median_guesses), and what they count and sum to
+        self.guess = None if median_bins is None else tuple(int(b) for b in median_bins)
+        self.guess_count = torch.zeros(GUESSES, dtype=torch.int64, device=device)
+        self.guess_sum = torch.zeros(GUESSES, dtype=torch.float64, device=device)
+        self.median_value: float | None = None  # relative; set by median()
         self.grew = self.shrank = self.nonfinite = 0
         self.changed_elements = 0
         self.elements = 0
@@ -342,8 +360,13 @@ class GainStats:
         self.count = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
         self.exact = True  # every gain added was bfloat16: each bin holds one value
 
-    def add(self, bins, low, high, total) -> None:
+    def add(self, bins, low, high, total, in_bin=None, in_bin_sum=None) -> None:
+        """A tensor's statistics; ``in_bin`` / ``in_bin_sum``: how many of its gains fall in
+        each bin of ``self.guess``, and their sums."""
         bins, low, high, total = (_local(t) for t in (bins, low, high, total))
+        if in_bin is not None:
+            self.guess_count += _local(in_bin).to(self.device)
+            self.guess_sum += _local(in_bin_sum).to(self.device)
         self.elements += bins.numel()
         self.exact = self.exact and low.dtype == torch.bfloat16
         # min / max stay on the device: no host sync per tensor
@@ -358,17 +381,48 @@ class GainStats:
         gain = _local(gain)
         if gain.numel():
             low, high = torch.aminmax(gain)
-            self.add(histogram_bin(gain), low, high, gain.sum(dtype=torch.float64))
+            bins = histogram_bin(gain)
+            in_bin = in_bin_sum = None
+            if self.guess is not None:
+                masks = [bins == guess for guess in self.guess]
+                in_bin = torch.stack([mask.sum() for mask in masks])
+                in_bin_sum = torch.stack([gain[mask].sum(dtype=torch.float64)
+                                          for mask in masks])
+            self.add(bins, low, high, gain.sum(dtype=torch.float64), in_bin, in_bin_sum)
 
-    def median(self) -> float:
-        """The lower median (as ``torch.median``): exact for bfloat16 gains, else its bin's
-        middle (within 2**-8); never outside the exact min and max."""
+    @classmethod
+    def from_gains(cls, gains: list, device) -> GainStats:
+        """The statistics of packed gain tensors (after a load: no boundary kept them), in
+        two passes: the histogram, then the sum of the median's bin (exact medians)."""
+        first = cls(device)
+        for gain in gains:
+            first.add_gains(decode_gain(gain))
+        if first.elements == 0 or first.exact:
+            return first
+        second = cls(device, (first.find_median_bin(),) * GUESSES)
+        for gain in gains:
+            second.add_gains(decode_gain(gain))
+        return second
+
+    def find_median_bin(self) -> int:
+        """The bin of the lower median (as ``torch.median``'s)."""
         rank = (self.elements - 1) // 2
         cumulative = torch.cumsum(self.count, 0)
-        index = int(torch.searchsorted(cumulative, torch.tensor(
+        return int(torch.searchsorted(cumulative, torch.tensor(
             rank + 1, dtype=torch.int64, device=cumulative.device)))
+
+    def median(self) -> float:
+        """The lower median: exact for bfloat16 gains, and for float32 ones whose median bin
+        holds one value and was summed (:data:`HIST_BINS`); else the mean of the bin's values,
+        or its middle when it was not summed (within 2**-8); never outside the min and max."""
+        index = self.find_median_bin()
         value = bin_value(index, self.exact)
-        return min(max(value, float(self.low)), float(self.high))
+        if self.guess is not None and index in self.guess:
+            k = self.guess.index(index)
+            if int(self.guess_count[k]) > 0:
+                value = float(self.guess_sum[k]) / int(self.guess_count[k])
+        value = self.median_value = min(max(value, float(self.low)), float(self.high))
+        return value
 
     def summary(self, gain_init: float) -> dict:
         if self.elements == 0:
@@ -386,6 +440,19 @@ class GainStats:
             "shrank": self.shrank / changed,
             "elements": self.elements,
         }
+
+
+#: Bins whose gains a boundary sums (see :data:`HIST_BINS`).
+GUESSES = 3
+
+
+def median_guesses(median: float, group: dict) -> tuple:
+    """The bins a (relative) median of the last boundary is likeliest to be in after the
+    next: its own, and the bins of that value grown and shrunk once by the group's rule."""
+    grown = (median * (1.0 + group["lr_high"]) if group["gain_increase"] == "multiplicative"
+             else median + group["lr_high"] / group["gain_init"])
+    values = torch.tensor([median, grown, median * group["lr_low"]], dtype=torch.float32)
+    return tuple(int(b) for b in histogram_bin(values))
 
 
 def boundary_scalars(group: dict, dtype: torch.dtype) -> dict:
@@ -418,6 +485,12 @@ def end_period(states: Iterable[dict], group: dict, boundary=boundary_tensor,
     compiled boundary's cost)."""
     # Counts stay tensors until the end: one host sync per boundary, not three per tensor.
     grew = shrank = nonfinite = 0
+    states = list(states)
+    median_bins = None
+    if stats is not None and any(hasattr(s["gain"], "to_local") for s in states):
+        stats.guess = None  # sharded gains (FSDP2): a DTensor op with a plain tensor
+    if stats is not None and stats.guess is not None:
+        median_bins = torch.tensor(stats.guess, dtype=torch.int32, device=stats.device)
     total = 0
     for state in states:
         packed = state["gain"]
@@ -426,14 +499,14 @@ def end_period(states: Iterable[dict], group: dict, boundary=boundary_tensor,
             packed, state["grad_sum"],
             state["grad_sq_sum"] if group["significance"] is not None else None,
             state["prev_sign"] if group["zero_sum"] == "flip" else None, **scalars,
-            with_stats=stats is not None)
-        agree, flip, bad, low, high, gain_sum, bins = outputs
+            with_stats=stats is not None, median_bins=median_bins)
+        agree, flip, bad, low, high, gain_sum, bins, in_bin, in_bin_sum = outputs
         grew = grew + _local(agree)
         shrank = shrank + _local(flip)
         nonfinite = nonfinite + _local(bad)
         total += packed.numel()
         if stats is not None:
-            stats.add(bins, low, high, gain_sum)
+            stats.add(bins, low, high, gain_sum, in_bin, in_bin_sum)
     counts = {"grew": int(grew), "shrank": int(shrank), "elements": total,
               "nonfinite": int(nonfinite)}  # total: the whole tensors' (numel of a DTensor)
     if stats is not None:
@@ -446,21 +519,23 @@ def end_period(states: Iterable[dict], group: dict, boundary=boundary_tensor,
 
 
 def gain_summary(gains: list[torch.Tensor], changes: dict | None, gain_init: float = 1.0,
-                 stats: GainStats | None = None) -> dict:
+                 stats: GainStats | None = None, medians: dict | None = None,
+                 key=None) -> dict:
     """min / median / mean / max of the gains (the stored ones times ``gain_init``) and the
     shares that grew or shrank last time. From ``stats`` (kept by the last boundary) in
-    O(histogram bins); else from ``gains`` in one pass per tensor (no concatenation, no
-    sort)."""
+    O(histogram bins); else from ``gains`` in two passes per tensor (no concatenation, no
+    sort). ``medians[key]``: where the (relative) median is remembered (the next boundary
+    sums the gains of the bins it may move to: :data:`HIST_BINS`)."""
     if stats is None:
-        device = gains[0].device if gains else torch.device("cpu")
-        stats = GainStats(device)
-        for gain in gains:
-            stats.add_gains(decode_gain(gain))
+        stats = GainStats.from_gains(gains, gains[0].device if gains else torch.device("cpu"))
         changes = changes or {}
         stats.grew, stats.shrank = changes.get("grew", 0), changes.get("shrank", 0)
         stats.nonfinite = changes.get("nonfinite", 0)
         stats.changed_elements = changes.get("elements", 0)
-    return stats.summary(gain_init)
+    summary = stats.summary(gain_init)
+    if medians is not None and stats.median_value is not None:
+        medians[key] = stats.median_value
+    return summary
 
 
 __all__ = [
