@@ -235,19 +235,20 @@ def apply_foreach(
 
 # --- the period boundary -----------------------------------------------------------------
 
-#: Gain statistics without sorting: the median is read from a histogram whose bins are the
-#: bfloat16 values, i.e. the top 16 bits of a float32 gain (relative to ``gain_init``): 128 bins
-#: per octave over the whole float32 range, found with a shift (no logarithm), counted by one
-#: ``bincount`` of 2-byte indices. A bfloat16 gain (the lean state) is its bin, so its median is
-#: exact. For float32 gains the boundary also sums, in float64, the gains of three bins: the
-#: last median's, and the bins of that median grown and shrunk once by the rule (where a
-#: median that moves goes first: :func:`median_guesses`); when the new median falls in one of
-#: them, the median is that bin's mean, exact when the bin holds one value (the usual case:
-#: the presets' gains lie on a lattice ``1.5 ** k``); otherwise it is the bin's middle, within
-#: 2**-8 (0.39%) of the exact one. (Bins that all summed their values, in float64, made
-#: the boundary's statistics cost about twice as much: README, "Benchmarks".)
+#: Gain statistics without sorting: the median is read from a histogram of ``log2(gain)``
+#: (relative to ``gain_init``), 128 bins per octave over the whole float32 range, counted by one
+#: ``bincount``. The boundary also sums, in float64, the gains of three
+#: bins: the last median's, and the bins of that median grown and shrunk once by the rule (where
+#: a median that moves goes first: :func:`median_guesses`); when the new median falls in one of
+#: them, the median is that bin's mean, exact when the bin holds one value (the usual case: the
+#: presets' gains lie on a lattice ``1.5 ** k``, up to float32 roundings); otherwise it is the
+#: bin's middle, within half a bin (0.27%) of the exact one. (Bins that all summed their values
+#: in float64 made the boundary's statistics cost about twice as much; bins taken from the
+#: float's bits (a bit cast) or stored as int16 kept the compiled CPU kernel from vectorizing:
+#: several times slower. README, "Benchmarks".)
 HIST_BINS_PER_OCTAVE = 128
-HIST_BINS = 1 << 15  # the bit patterns of positive bfloat16 values (sign bit clear)
+HIST_OCTAVES = 128  # each side of 1: [2**-128, 2**128)
+HIST_BINS = 2 * HIST_OCTAVES * HIST_BINS_PER_OCTAVE
 
 
 def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr_low: float,
@@ -319,24 +320,17 @@ def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr
             new_gain.sum(dtype=torch.float64), bins, in_bin, in_bin_sum)
 
 
-_FLOAT32_TINY = torch.finfo(torch.float32).tiny
-
-
 def histogram_bin(gain):
-    """Each (positive) gain's histogram bin (:data:`HIST_BINS`): the bit pattern of its
-    bfloat16 truncation, int16. A float64 gain is rounded to float32 first (kept normal)."""
-    if gain.dtype == torch.bfloat16:
-        return gain.view(torch.int16)
-    if gain.dtype != torch.float32:
-        gain = gain.float().clamp(min=_FLOAT32_TINY)
-    return (gain.view(torch.int32) >> 16).to(torch.int16)
+    """Each (positive) gain's histogram bin (:data:`HIST_BINS`), int32 (compiled for CPU, an
+    int16 result kept the whole boundary kernel from vectorizing)."""
+    position = torch.log2(gain.to(torch.promote_types(gain.dtype, torch.float32)))
+    position = (position + HIST_OCTAVES) * HIST_BINS_PER_OCTAVE
+    return position.floor().clamp(0, HIST_BINS - 1).to(torch.int32)
 
 
-def bin_value(index: int, exact: bool) -> float:
-    """A bin's value: the bfloat16 itself (``exact``: the gains were bfloat16), else the middle
-    of the float32 values the bin holds."""
-    bits = torch.tensor([(index << 16) | (0 if exact else 0x8000)], dtype=torch.int32)
-    return float(bits.view(torch.float32))
+def bin_value(index: int) -> float:
+    """A bin's geometric middle."""
+    return 2.0 ** ((index + 0.5) / HIST_BINS_PER_OCTAVE - HIST_OCTAVES)
 
 
 class GainStats:
@@ -358,7 +352,6 @@ class GainStats:
         self.high = -math.inf
         self.total = torch.zeros((), dtype=torch.float64, device=device)
         self.count = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
-        self.exact = True  # every gain added was bfloat16: each bin holds one value
 
     def add(self, bins, low, high, total, in_bin=None, in_bin_sum=None) -> None:
         """A tensor's statistics; ``in_bin`` / ``in_bin_sum``: how many of its gains fall in
@@ -368,7 +361,6 @@ class GainStats:
             self.guess_count += _local(in_bin).to(self.device)
             self.guess_sum += _local(in_bin_sum).to(self.device)
         self.elements += bins.numel()
-        self.exact = self.exact and low.dtype == torch.bfloat16
         # min / max stay on the device: no host sync per tensor
         low, high = low.to(self.device, torch.float64), high.to(self.device, torch.float64)
         self.low = low if not torch.is_tensor(self.low) else torch.minimum(self.low, low)
@@ -397,7 +389,7 @@ class GainStats:
         first = cls(device)
         for gain in gains:
             first.add_gains(decode_gain(gain))
-        if first.elements == 0 or first.exact:
+        if first.elements == 0:
             return first
         second = cls(device, (first.find_median_bin(),) * GUESSES)
         for gain in gains:
@@ -412,11 +404,11 @@ class GainStats:
             rank + 1, dtype=torch.int64, device=cumulative.device)))
 
     def median(self) -> float:
-        """The lower median: exact for bfloat16 gains, and for float32 ones whose median bin
-        holds one value and was summed (:data:`HIST_BINS`); else the mean of the bin's values,
-        or its middle when it was not summed (within 2**-8); never outside the min and max."""
+        """The lower median (as ``torch.median``'s): the mean of its bin's values where the
+        bin was summed (exact when it holds one value), else the bin's middle (within half a
+        bin); never outside the exact min and max (:data:`HIST_BINS`)."""
         index = self.find_median_bin()
-        value = bin_value(index, self.exact)
+        value = bin_value(index)
         if self.guess is not None and index in self.guess:
             k = self.guess.index(index)
             if int(self.guess_count[k]) > 0:
