@@ -94,6 +94,13 @@ def _alias(tensor, flat: bool):
     return tensor.view(-1).detach() if flat else tensor.detach()
 
 
+def _aliases(tensors) -> list:
+    """One tensor's group (parameter, gradient, state; None entries allowed) as plain aliases
+    (:func:`_alias`): flat where all of them are contiguous, so one graph serves every shape."""
+    flat = all(t is None or t.is_contiguous() for t in tensors)
+    return [_alias(t, flat) for t in tensors]
+
+
 def _as_tensors(scalars: dict, names, param: torch.Tensor, cache: dict) -> dict:
     """The per-step floats ``names`` as 0-d tensors on ``param``'s device, in float32 (float64
     for float64 parameters: a float64 scalar would make the whole kernel compute in float64;
@@ -118,8 +125,7 @@ def fused_step(delta_fn, param, grad, state, tensors, scalars, step_scalars, cac
     keeps for one step, shared by its parameters; ``grad_sq_sum``: the period's squares, where
     the group tests significance."""
     everything = (param, grad, state["gain"], state["grad_sum"], grad_sq_sum, *tensors)
-    flat = all(t is None or t.is_contiguous() for t in everything)
-    param, grad, gain, grad_sum, grad_sq_sum, *tensors = (_alias(t, flat) for t in everything)
+    param, grad, gain, grad_sum, grad_sq_sum, *tensors = _aliases(everything)
     scalars = _as_tensors(scalars, step_scalars, param, cache)
     _compiled_for(delta_fn)(delta_fn, param, grad, gain, grad_sum, tuple(tensors), scalars,
                             alpha, grad_sq_sum)
@@ -169,9 +175,7 @@ def fused_boundary(packed, grad_sum, grad_sq_sum, prev_sign, median_bins=None, *
     """:func:`rule.boundary_tensor` compiled (one loop per tensor instead of some thirty
     eager passes, the boundary's cost on CPU), on flat aliases so that one graph serves every
     shape; the group's settings are constants of the graph (they change rarely)."""
-    tensors = (packed, grad_sum, grad_sq_sum, prev_sign)
-    flat = all(t is None or t.is_contiguous() for t in tensors)
-    aliases = [_alias(t, flat) for t in tensors]
+    aliases = _aliases((packed, grad_sum, grad_sq_sum, prev_sign))
     # emulate_precision_casts: Inductor otherwise keeps the float32 value where the code
     # rounds a new gain to bfloat16 (gain_dtype) and reads it again (the statistics), so the
     # kernel's figures would be those of unrounded gains, unlike the eager boundary's.
@@ -240,11 +244,8 @@ def _flat_aliases(columns):
     """Per tensor (a row of ``columns``, None entries allowed): plain flat aliases where all
     of its tensors are contiguous (one graph serves every shape and rank), else plain
     aliases; DTensors (FSDP2) by their local part."""
-    rows = []
-    for row in zip(*columns):
-        local = [None if t is None else rule._local(t) for t in row]
-        flat = all(t is None or t.is_contiguous() for t in local)
-        rows.append([_alias(t, flat) for t in local])
+    rows = [_aliases([rule._local(t) for t in row])
+            for row in zip(*columns)]
     return [list(column) for column in zip(*rows)] if rows else [[] for _ in columns]
 
 

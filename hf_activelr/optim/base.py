@@ -233,7 +233,8 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
                         progress=done, indices=indices,
                     )
                 except Exception as error:  # noqa: BLE001 - any compiler failure
-                    remaining = [i for i in range(len(params)) if i not in set(done)]
+                    finished = set(done)
+                    remaining = [i for i in range(len(params)) if i not in finished]
                     raise _FusedFailure(error, remaining) from error
             return
         # Some parameters have no gradient this step: one call per tensor, so a changing set

@@ -279,7 +279,6 @@ def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr
         noise = grad_sq_sum.to(compute).sqrt() * significance
         cur = torch.where(grad_sum.to(compute).abs() > noise, cur, 0.0)
         grad_sq_sum.zero_()
-    cur = cur.to(packed.dtype)
     # The new gain is computed in float32 at least and rounded once, when stored: a bfloat16
     # gain (gain_dtype) is decoded exactly, grows or shrinks in float32, then rounds to
     # nearest (the reference rounds the same way; so do compiled kernels, which are built
