@@ -48,18 +48,29 @@ def _sweep(args) -> int:
         from .experiments import protocol
         from .integrations.model_card import redact_command
 
-        points = protocol.plan(quick=args.quick, seeds=args.protocol_seeds,
-                               candidates=args.candidates or (), only_tasks=args.tasks,
-                               only_schedules=args.schedules, peers=not args.no_peers,
-                               candidates_only=args.candidates_only)
-        print(f"{len(points)} protocol runs", flush=True)
-        if args.report_only:
-            records = sweep.finished(points, args.output_dir)
-            print(f"{len(records)} of them finished: reporting those", flush=True)
-        else:
-            records = sweep.sweep(points, args.output_dir, jobs=args.jobs,
-                                  threads=args.threads, force=args.force,
-                                  progress=lambda line: print(line, flush=True))
+        def planned(records):
+            return protocol.plan(quick=args.quick, seeds=args.protocol_seeds,
+                                 candidates=args.candidates or (), only_tasks=args.tasks,
+                                 only_schedules=args.schedules, peers=not args.no_peers,
+                                 candidates_only=args.candidates_only,
+                                 only_lrs=args.protocol_lrs, records=records)
+
+        # Two rounds at most: seed 0 everywhere, then the later seeds where seed 0 says
+        # they decide something (protocol.decisive_lrs).
+        points = planned([])
+        records = sweep.finished(points, args.output_dir)
+        for _ in range(2):
+            points = planned(records)
+            print(f"{len(points)} protocol runs (about "
+                  f"{protocol.estimate_hours(points, args.jobs):.1f} h on 2 cores in all)",
+                  flush=True)
+            if args.report_only:
+                records = sweep.finished(points, args.output_dir)
+                print(f"{len(records)} of them finished: reporting those", flush=True)
+            else:
+                records = sweep.sweep(points, args.output_dir, jobs=args.jobs,
+                                      threads=args.threads, force=args.force,
+                                      progress=lambda line: print(line, flush=True))
         text = protocol.report(records, args.output_dir, quick=args.quick,
                                command=redact_command(["hf-activelr", *sys.argv[1:]]),
                                candidates=args.candidates or ())
@@ -178,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --protocol: report the finished runs, run nothing")
     sweep.add_argument("--no-peers", "--no_peers", dest="no_peers", action="store_true",
                        help="with --protocol: leave out the installed peer optimizers")
+    sweep.add_argument("--protocol-lrs", "--protocol_lrs", dest="protocol_lrs", nargs="+",
+                       type=float, help="with --protocol: only the grid's learning rates "
+                       "within 1%% of these (screening)")
     sweep.add_argument("--schedules", nargs="+", choices=["linear", "constant"],
                        help="with --protocol: only these schedules (screening)")
     sweep.set_defaults(func=_sweep)

@@ -33,6 +33,15 @@ With ``significance=z`` the element also sums its squared gradients ``q`` over t
 and at a boundary its sum counts as zero (no sign) unless ``|s| > z * sqrt(q)``; then
 ``q = 0``.
 
+With ``pooled=z`` each parameter, at a boundary, also takes one factor for all its elements:
+over the elements with ``0 < q < inf`` (and a finite ``s``), ``x = s**2 / q``, their mean ``m``
+and (population) variance ``v`` over the ``n`` of them; with ``n >= 2``, the factor is
+``1 + lr_high`` where ``m - 1 > z * sqrt(v / n)``, ``lr_low`` where ``1 - m > z * sqrt(v / n)``,
+else 1. An element's new gain is its gain times its own factor (``1 + lr_high``, ``lr_low`` or
+1, by the rule above) times the parameter's, then clamped once. Under ``"hold"`` an element
+without a remembered sign whose gain the parameter's factor changes remembers the raw sign
+of its sum (``+`` for a zero sum).
+
 Like torch's optimizers, a parameter's state (base and ActiveLR) is created when it first
 receives a gradient; a parameter whose gradient is ``None`` takes no base step and adds
 nothing to its sum, but its gain still adapts at its group's boundaries once it has state.
@@ -63,7 +72,7 @@ BASE_DEFAULTS = {
 }
 ACTIVE_DEFAULTS = dict(
     gain_min=None, gain_max=None, zero_sum="hold", gain_increase="additive", gain_init=1.0,
-    grad_sum_dtype=None, significance=None, gain_dtype=None,
+    grad_sum_dtype=None, significance=None, gain_dtype=None, pooled=None,
 )
 
 
@@ -253,6 +262,52 @@ def adapt_element(gain: float, prev, total: float, group: dict, squares: float =
     return gain, prev
 
 
+def pooled_factor(sums: list, squares: list, group: dict) -> float:
+    """The parameter's factor under ``pooled`` (module docstring)."""
+    xs = [total * total / square for total, square in zip(sums, squares)
+          if 0 < square < math.inf and math.isfinite(total)]
+    if len(xs) < 2:
+        return 1.0
+    mean = sum(xs) / len(xs)
+    variance = max(sum(x * x for x in xs) / len(xs) - mean * mean, 0.0)
+    margin = group["pooled"] * math.sqrt(variance / len(xs))
+    if mean - 1 > margin:
+        return 1 + group["lr_high"]
+    if 1 - mean > margin:
+        return group["lr_low"]
+    return 1.0
+
+
+def adapt_pooled(gain: float, prev, total: float, square: float, factor: float, group: dict):
+    """One element at a boundary under ``pooled`` (float gains; multiplicative increase)."""
+    sign = _sign(total)
+    raw = sign
+    if group["significance"] is not None and not abs(total) > group["significance"] * math.sqrt(
+        square
+    ):
+        sign = 0
+    own = 1.0
+    if group["zero_sum"] == "hold":
+        if prev is not None and sign != 0:
+            own = 1 + group["lr_high"] if sign == prev else group["lr_low"]
+        if sign != 0:
+            prev = sign
+        elif prev is None and factor != 1.0:
+            prev = raw if raw != 0 else 1  # the factor moves it: it needs a sign
+    else:  # flip
+        if prev is not None:
+            own = 1 + group["lr_high"] if prev * sign > 0 else group["lr_low"]
+        prev = sign
+    if own == 1.0 and factor == 1.0:
+        return gain, prev
+    gain = gain * own * factor
+    if group["gain_min"] is not None:
+        gain = max(gain, group["gain_min"])
+    if group["gain_max"] is not None:
+        gain = min(gain, group["gain_max"])
+    return gain, prev
+
+
 class Reference:
     """ActiveLR over ``variant`` ("sgd", "adamw", "radam", "adabelief", "adabound").
 
@@ -308,6 +363,15 @@ class Reference:
         gains = state["gain"].reshape(-1).tolist()
         sums = state["sum"].reshape(-1).tolist()
         squares = state["squares"].reshape(-1).tolist()
+        if group["pooled"] is not None:
+            factor = pooled_factor(sums, squares, group)
+            for i, (gain, total, square) in enumerate(zip(gains, sums, squares)):
+                gains[i], state["prev"][i] = adapt_pooled(gain, state["prev"][i], total,
+                                                          square, factor, group)
+            state["gain"] = torch.tensor(gains, dtype=torch.float64).reshape(state["gain"].shape)
+            state["sum"] = torch.zeros_like(state["sum"])
+            state["squares"] = torch.zeros_like(state["squares"])
+            return
         for i, (gain, total, square) in enumerate(zip(gains, sums, squares)):
             gains[i], state["prev"][i] = adapt_element(gain, state["prev"][i], total, group,
                                                        square)

@@ -22,6 +22,11 @@ OPTIONS = [
          gain_max=10.0, gain_init=1.0),
     dict(zero_sum="flip", significance=1.0, gain_increase="additive", gain_min=None,
          gain_max=None, gain_init=0.5),
+    # the tensor-wide test, with and without the per-element one
+    dict(zero_sum="hold", significance=2.0, gain_increase="multiplicative", gain_min=0.03,
+         gain_max=30.0, gain_init=0.3, pooled=2.0),
+    dict(zero_sum="flip", significance=None, gain_increase="multiplicative", gain_min=0.01,
+         gain_max=10.0, gain_init=1.0, pooled=1.0),
 ]
 
 
@@ -31,7 +36,7 @@ def _states(option, n=4000, grad_sum_dtype=None, seed=0, gain_dtype=None):
     for shape in ((n,), (37, 11)):
         state: dict = {}
         rule.init_state(torch.zeros(shape), state, option["zero_sum"], grad_sum_dtype,
-                        option["significance"] is not None, gain_dtype)
+                        option["significance"] is not None or "pooled" in option, gain_dtype)
         numel = state["gain"].numel()
         lattice = 1.5 ** torch.randint(-4, 5, (numel,), generator=generator).float()
         signs = torch.randint(0, 3, (numel,), generator=generator).float() - 1  # -1, 0, 1
@@ -156,7 +161,7 @@ def test_the_optimizer_remembers_the_median_bin():
         optimizer.step()
         median = optimizer.gain_stats()[0]["median"]
         gains = torch.cat([rule.decode_gain(optimizer.state[p]["gain"]).flatten()
-                           for p in params]).double() * 0.3
+                           for p in params]).double() * optimizer.param_groups[0]["gain_init"]
         assert median == pytest.approx(gains.median().item(), rel=2**-8)
         # the bin's mean: the lattice values a bin holds differ by float32 roundings only
         exact_seen += median == pytest.approx(gains.median().item(), rel=1e-6)

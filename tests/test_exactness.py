@@ -328,7 +328,7 @@ def _active_overrides(period, lr_high, lr_low):
 def _run_against_reference(
     variant, *, period, lr_high, lr_low, zero_sum, foreach, steps, none=None, check_every=3,
     params_tol=TIGHT, gain_increase="additive", gain_init=1.0, gains_tol=EXACT,
-    grad_sum_dtype=None, significance=None, gain_dtype=None,
+    grad_sum_dtype=None, significance=None, gain_dtype=None, pooled=None,
 ):
     cls, settings, base_groups = VARIANTS[variant]
     active_groups = _active_overrides(period, lr_high, lr_low)
@@ -336,7 +336,7 @@ def _run_against_reference(
     active_settings = dict(lr_high=lr_high, lr_low=lr_low, period=period, zero_sum=zero_sum,
                            gain_increase=gain_increase, gain_init=gain_init,
                            grad_sum_dtype=grad_sum_dtype, significance=significance,
-                           gain_dtype=gain_dtype)
+                           gain_dtype=gain_dtype, pooled=pooled)
     ps = make_params(seed=3)
     ref_groups = [{"params": [p.detach() for p in params], **ov}
                   for params, ov in zip(ps, overrides)]
@@ -424,6 +424,26 @@ def test_significance_against_reference(variant, zero_sum):
         )
         assert not all(torch.equal(opt.state[p]["gain"], plain.state[q]["gain"])
                        for p, q in zip(_all_params(opt), _all_params(plain)))
+
+
+@pytest.mark.parametrize("zero_sum", ["hold", "flip"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_pooled_against_reference(variant, zero_sum):
+    """The tensor-wide test (``pooled``), with and without the per-element one, on both
+    eager paths and with gains that start below 1: a tensor's factor times each element's,
+    clamped once; elements without a sign take their sum's raw sign when the factor moves
+    them."""
+    for period, foreach, significance in itertools.product([3, 7], [True, False],
+                                                           [None, 1.0]):
+        opt, _ = _run_against_reference(
+            variant, period=period, lr_high=0.5, lr_low=1 / 1.5, zero_sum=zero_sum,
+            foreach=foreach, steps=12 * period + 8, gain_increase="multiplicative",
+            significance=significance, pooled=0.5, gain_init=0.3,
+            gains_tol=dict(rtol=1e-13, atol=0.0),
+        )
+        gains = torch.cat([decode_gain(s["gain"]).reshape(-1) for s in opt.state.values()])
+        # The factor bites: gains moved both ways although the per-element test is off.
+        assert (gains > 1).any() and (gains < 1).any()
 
 
 def _all_params(opt):

@@ -117,7 +117,7 @@ def test_bounds_hold_to_bfloat16_rounding():
         set_grads(params, t)
         optimizer.step()
     stats = optimizer.gain_stats()[0]
-    gains = torch.cat([decode_gain(s["gain"]).double().flatten() * 0.3
+    gains = torch.cat([decode_gain(s["gain"]).double().flatten() * SIGNIFICANT["gain_init"]
                        for s in optimizer.state.values()])
     assert gains.min() == pytest.approx(0.1, rel=2**-8) and gains.max() == pytest.approx(
         1.0, rel=2**-8)

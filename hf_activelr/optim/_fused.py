@@ -165,10 +165,10 @@ def fused_chunks(delta_fn, params, grads, states, tensor_lists, scalars, step_sc
 
 
 def _boundary_impl(packed, grad_sum, grad_sq_sum, prev_sign, median_bins, lr_high, lr_low, low,
-                   high, significance, multiplicative, gain_step, with_stats):
+                   high, significance, multiplicative, gain_step, with_stats, pooled=0.0):
     return rule.boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high, lr_low, low,
                                 high, significance, multiplicative, gain_step, with_stats,
-                                median_bins)
+                                median_bins, pooled)
 
 
 def fused_boundary(packed, grad_sum, grad_sq_sum, prev_sign, median_bins=None, **scalars):

@@ -12,7 +12,7 @@ from .config import OPTION_NAMES, ActiveConfig
 # Group settings added after the first release, with the values that reproduce the rule a
 # state saved without them ran (the paper's additive increase, gains from 1).
 PRE_OPTION_DEFAULTS = {"gain_increase": "additive", "gain_init": 1.0, "grad_sum_dtype": None,
-                       "significance": None, "gain_dtype": None}
+                       "significance": None, "gain_dtype": None, "pooled": None}
 
 
 class _StatsCache:
@@ -64,7 +64,7 @@ class ActiveMixin:
         if "gain" not in state:
             self._forget_gain_stats()  # new state: the figures are computed afresh
         rule.ensure_state(param, state, group["zero_sum"], group["grad_sum_dtype"],
-                          group["significance"] is not None, group["gain_dtype"])
+                          rule.keeps_squares(group), group["gain_dtype"])
 
     def set_period(self, period: int, *, only_epoch: bool = True) -> None:
         """Set ``period`` (optimizer steps) on the groups that asked for ``"epoch"`` (or on all

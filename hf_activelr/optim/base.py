@@ -187,7 +187,7 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
                 rule.apply_foreach(
                     p_, g_, [s["gain"] for s in s_], [s["grad_sum"] for s in s_], deltas,
                     alpha * group["gain_init"], self._gain_multipliers,
-                    None if group["significance"] is None else [s["grad_sq_sum"] for s in s_],
+                    [s["grad_sq_sum"] for s in s_] if rule.keeps_squares(group) else None,
                 )
             return
         prepared = [self._prepare(group, p, s) for p, s in zip(params, states)]
@@ -229,7 +229,7 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
                         type(self)._delta, [params[i] for i in indices],
                         [grads[i] for i in indices], [states[i] for i in indices],
                         [prepared[i][0] for i in indices], scalars, self._step_scalars,
-                        scalar_cache, group["gain_init"], group["significance"] is not None,
+                        scalar_cache, group["gain_init"], rule.keeps_squares(group),
                         progress=done, indices=indices,
                     )
                 except Exception as error:  # noqa: BLE001 - any compiler failure
@@ -291,8 +291,8 @@ def auto_fused(params) -> bool:
 
 
 def _sq_sum(group: dict, state: dict):
-    """The period's sum of squared gradients, where the group tests significance."""
-    return None if group["significance"] is None else state["grad_sq_sum"]
+    """The period's sum of squared gradients, where the group keeps it (rule.keeps_squares)."""
+    return state["grad_sq_sum"] if rule.keeps_squares(group) else None
 
 
 def _group_by_device_and_dtype(tensors) -> list[list[int]]:

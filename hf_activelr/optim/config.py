@@ -65,6 +65,13 @@ class ActiveConfig:
         None, float,
         "z > 0: a period's sign counts only where |sum g| > z * sqrt(sum g^2) (else the gain "
         "holds); needs period > z**2; None: every sign counts (the paper)")
+    pooled: float | None = _option(
+        None, float,
+        "z > 0: a tensor-wide test at each boundary: where the mean over the tensor's elements "
+        "of s**2 / sum(g**2) (1 under noise, above where the period's gradients agree, below "
+        "where they oscillate) exceeds 1 by more than z standard errors, every gain of the "
+        "tensor grows by the increase factor; where it falls short of 1 by as much, every "
+        "gain shrinks by lr_low; needs gain_increase='multiplicative'; None: off")
     zero_sum: str = _option(
         "hold", str, f"what a zero (or not significant) sum does: one of {ZERO_SUM_POLICIES}")
     grad_sum_dtype: str | None = _option(
@@ -104,6 +111,16 @@ class ActiveConfig:
             check_real("significance", self.significance, low=0.0, low_open=True)
             if period != EPOCH:
                 check_significance_reachable(self.significance, period)
+        if self.pooled is not None:
+            check_real("pooled", self.pooled, low=0.0, low_open=True)
+            if self.gain_increase != "multiplicative":
+                raise ValueError(
+                    "pooled needs gain_increase='multiplicative' (a tensor's gains are scaled "
+                    f"by a factor), got {self.gain_increase!r}")
+            if self.gain_dtype is not None:
+                raise ValueError(
+                    f"pooled takes float gains (gain_dtype=None), got {self.gain_dtype!r}: "
+                    "its rounding in bfloat16 is not stated or tested yet")
         if self.gain_min is not None and self.gain_init < self.gain_min:
             raise ValueError(f"gain_init must be >= gain_min ({self.gain_min}), got "
                              f"{self.gain_init}")
@@ -120,6 +137,7 @@ class ActiveConfig:
             "gain_max": None if self.gain_max is None else float(self.gain_max),
             "gain_init": float(self.gain_init),
             "significance": None if self.significance is None else float(self.significance),
+            "pooled": None if self.pooled is None else float(self.pooled),
             "grad_sum_dtype": check_grad_sum_dtype(self.grad_sum_dtype),
             "gain_dtype": gain_dtype,
         }

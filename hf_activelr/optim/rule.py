@@ -253,11 +253,13 @@ HIST_BINS = 2 * HIST_OCTAVES * HIST_BINS_PER_OCTAVE
 
 def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr_low: float,
                     low: float, high: float, significance: float, multiplicative: bool,
-                    gain_step: float, with_stats: bool = True, median_bins=None):
+                    gain_step: float, with_stats: bool = True, median_bins=None,
+                    pooled: float = 0.0):
     """One tensor's period boundary, in place (pure tensor code: run eagerly, or compiled by
     the fused path). ``low`` / ``high``: the bounds relative to ``gain_init``; ``gain_step``:
-    the additive increase relative to it; ``grad_sq_sum`` None: no significance test;
-    ``prev_sign`` None: ``zero_sum="hold"``.
+    the additive increase relative to it; ``grad_sq_sum``: the period's squares (None: no
+    test reads them); ``significance`` 0: no per-element test; ``pooled`` 0: no tensor-wide
+    test (:func:`pooled_factor`); ``prev_sign`` None: ``zero_sum="hold"``.
 
     Returns ``(grew, shrank, nonfinite, min, max, sum, bins, in_bin, in_bin_sum)``: the
     counts, the new (relative) gains' min, max and float64 sum, each one's histogram bin
@@ -271,13 +273,18 @@ def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr
     # with comparisons (False for NaN), not sign().nan_to_num(): compiled for CPU, the NaN
     # test is a scalar loop and made the boundary's kernel 2.3x slower.
     cur = (grad_sum > 0).to(packed.dtype) - (grad_sum < 0).to(packed.dtype)
-    if grad_sq_sum is not None:
+    factor = None
+    if pooled > 0.0:
+        factor = pooled_factor(grad_sum, grad_sq_sum, pooled, 1.0 + lr_high, lr_low)
+    raw = cur
+    if significance > 0.0:
         # Only a sum that stands out of its period's noise carries a sign (module doc). In
         # float32 at least: a compiled kernel computes bfloat16 sums' test in float32, and so
         # must the eager path, for the two to agree on sums at the threshold.
         compute = torch.promote_types(grad_sum.dtype, torch.float32)
         noise = grad_sq_sum.to(compute).sqrt() * significance
         cur = torch.where(grad_sum.to(compute).abs() > noise, cur, 0.0)
+    if grad_sq_sum is not None:
         grad_sq_sum.zero_()
     # The new gain is computed in float32 at least and rounded once, when stored: a bfloat16
     # gain (gain_dtype) is decoded exactly, grows or shrinks in float32, then rounds to
@@ -296,11 +303,20 @@ def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr
     # The paper's increase is additive; "multiplicative" (as in Rprop) makes the drift of
     # log(gain) under random signs negative when (1 + lr_high) * lr_low < 1.
     grown = gain * (1.0 + lr_high) if multiplicative else gain + gain_step
-    new_gain = torch.where(agree, grown, torch.where(flip, gain * lr_low, gain)).clamp(low, high)
-    new_gain = new_gain.to(packed.dtype)  # rounded as stored (no-op for float32 gains)
+    new_gain = torch.where(agree, grown, torch.where(flip, gain * lr_low, gain))
+    if factor is not None:
+        new_gain = new_gain * factor
+    new_gain = new_gain.clamp(low, high).to(packed.dtype)  # rounded as stored
     if prev_sign is None:
         # Keep the older sign where this sum is zero; 0 stays "no sign yet" (gain 1).
-        packed.copy_(new_gain * torch.where(cur != 0, cur, prev))
+        sign = torch.where(cur != 0, cur, prev)
+        if factor is not None:
+            # A gain without a sign yet that the tensor's factor moves must be stored with
+            # one (0 reads as 1): the raw sign of its sum (weak evidence, unlike a coin), or
+            # + for a zero sum. Its next counted sign is compared with that.
+            unset = (sign == 0) & (factor != 1.0)
+            sign = torch.where(unset, torch.where(raw != 0, raw, 1.0), sign)
+        packed.copy_(new_gain * sign)
     else:
         packed.copy_(new_gain)
         prev_sign.copy_(cur)
@@ -317,6 +333,41 @@ def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr
                                   for mask in masks])
     return (agree.sum(), flip.sum(), nonfinite, new_gain.min(), new_gain.max(),
             new_gain.sum(dtype=torch.float64), bins, in_bin, in_bin_sum)
+
+
+def pooled_factor(grad_sum, grad_sq_sum, z: float, up: float, down: float):
+    """The tensor-wide factor of ``pooled=z`` (a 0-d tensor: ``up``, ``down`` or 1).
+
+    Per element with squares, ``x = s**2 / q`` (``s`` the period's sum of gradients, ``q``
+    the sum of their squares; ``x`` lies in ``[0, period]``). Where the gradients are
+    independent noise symmetric about 0, ``E[x] = 1`` exactly, whatever their scale or
+    distribution (the cross terms of ``s**2`` vanish by symmetry). Gradients that keep a
+    direction over the period (the step is too short to get anywhere: the learning rate is
+    too small for this tensor) make ``x`` larger, up to ``period``; steps that overshoot make
+    consecutive gradients anti-correlated, and ``x`` smaller (at equilibrium about
+    ``1 / (lr * curvature * period)``, so below 1 once a direction settles within a period).
+    One element's ``x`` is noise; their mean over a tensor is not: the tensor's gains grow
+    where the mean exceeds 1 by more than ``z`` standard errors, shrink where it falls short
+    of 1 by as much, and hold otherwise (under noise: no drift). After the statistical tests
+    of gradient correlation used to steer a step size (Pflug 1983; Lang, Xiao, Zhang,
+    "Using Statistics to Automate Stochastic Optimization", NeurIPS 2019)."""
+    compute = torch.promote_types(grad_sum.dtype, torch.float32)
+    total = grad_sum.to(compute)
+    squares = grad_sq_sum.to(compute)
+    # s / sqrt(q) cannot overflow (|s| <= sqrt(period * q)); elements without a finite,
+    # positive q (no gradient in the period, an overflow) carry no evidence.
+    valid = (squares > 0) & (squares < math.inf) & (total.abs() < math.inf)
+    ratio = torch.where(valid, total / squares.clamp_min(torch.finfo(compute).tiny).sqrt(), 0.0)
+    x = ratio * ratio
+    count = valid.sum().to(compute)
+    mean = x.sum() / count.clamp_min(1.0)
+    variance = ((x * x).sum() / count.clamp_min(1.0) - mean * mean).clamp_min(0.0)
+    margin = z * (variance / count.clamp_min(1.0)).sqrt()
+    enough = count >= 2.0
+    # The factors in the sums' compute dtype (Python floats would make a float32 tensor).
+    up, down, one = (mean.new_tensor(value) for value in (up, down, 1.0))
+    return torch.where(enough & (mean - 1.0 > margin), up,
+                       torch.where(enough & (1.0 - mean > margin), down, one))
 
 
 def histogram_bin(gain):
@@ -456,9 +507,16 @@ def boundary_scalars(group: dict, dtype: torch.dtype) -> dict:
         "low": floor if group["gain_min"] is None else max(group["gain_min"] / gain_init, floor),
         "high": math.inf if group["gain_max"] is None else group["gain_max"] / gain_init,
         "significance": group["significance"] or 0.0,
+        "pooled": group.get("pooled") or 0.0,
         "multiplicative": group["gain_increase"] == "multiplicative",
         "gain_step": group["lr_high"] / gain_init,
     }
+
+
+def keeps_squares(group: dict) -> bool:
+    """Whether the group's parameters keep the period's squared gradients (``grad_sq_sum``):
+    the per-element test (``significance``) and the tensor-wide one (``pooled``) read them."""
+    return group["significance"] is not None or group.get("pooled") is not None
 
 
 def _local(tensor):
@@ -488,7 +546,7 @@ def end_period(states: Iterable[dict], group: dict, boundary=boundary_tensor,
         scalars = boundary_scalars(group, packed.dtype)
         outputs = boundary(
             packed, state["grad_sum"],
-            state["grad_sq_sum"] if group["significance"] is not None else None,
+            state["grad_sq_sum"] if keeps_squares(group) else None,
             state["prev_sign"] if group["zero_sum"] == "flip" else None, **scalars,
             with_stats=stats is not None, median_bins=median_bins)
         agree, flip, bad, low, high, gain_sum, bins, in_bin, in_bin_sum = outputs
@@ -543,6 +601,8 @@ __all__ = [
     "gain_dtype_of",
     "gain_summary",
     "init_state",
+    "keeps_squares",
+    "pooled_factor",
     "state_dtype",
     "sum_dtype",
 ]

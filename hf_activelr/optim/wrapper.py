@@ -198,7 +198,7 @@ class ActiveLR(ActiveMixin, Optimizer):
         where the parameters ``keep`` (indices) stand: their values, returned."""
         grads = [p.grad for p in params]
         sums = [s["grad_sum"] for s in states]
-        squares = [s["grad_sq_sum"] for s in states] if group["significance"] is not None \
+        squares = [s["grad_sq_sum"] for s in states] if rule.keeps_squares(group) \
             else None
         starts = self._start_buffers([params[i] for i in keep])
         start_of = dict(zip(keep, starts))
