@@ -223,6 +223,14 @@ def decisive_lrs(records: list[dict], arm: Arm, schedule: str, optims: list[str]
     return {optim: sorted(lrs) for optim, lrs in chosen.items()}
 
 
+def _grid_of(arm: Arm, spec: str) -> list:
+    """The learning rates ``spec`` runs at in ``arm`` (a peer: its grid, or its default)."""
+    peer = _peer(spec)
+    if peer is None:
+        return list(arm.lrs)
+    return list(peer.grid) if arm.peers == "grid" else [peer.default_lr]
+
+
 def plan(quick: bool = False, seeds=None, candidates=(), only_tasks=None,
          only_schedules=None, peers: bool = True, candidates_only: bool = False,
          only_lrs=None, records=None) -> list[Point]:
@@ -252,21 +260,12 @@ def plan(quick: bool = False, seeds=None, candidates=(), only_tasks=None,
         for spec in optims:
             check_optimizer(spec)
 
-        def grid_of(spec):
-            peer = _peer(spec)
-            if peer is None:
-                return list(arm.lrs)
-            return list(peer.grid) if arm.peers == "grid" else [peer.default_lr]
-
-        def keep(lr):
-            return not only_lrs or any(math.isclose(lr, x, rel_tol=1e-2) for x in only_lrs)
-
         for schedule in arm.schedules:
             if only_schedules and schedule not in only_schedules:
                 continue
             wanted: dict = {}  # (optim, lr) -> seeds
             for spec in optims:
-                lrs = grid_of(spec)
+                lrs = _grid_of(arm, spec)
                 peer = _peer(spec)
                 if peer is not None and peer.default_lr not in lrs:
                     lrs.append(peer.default_lr)
@@ -282,7 +281,7 @@ def plan(quick: bool = False, seeds=None, candidates=(), only_tasks=None,
                     for lr in lrs:
                         wanted.setdefault((spec, lr), set()).update(later_seeds)
             for (spec, lr), point_seeds in wanted.items():
-                if not keep(lr):
+                if only_lrs and not any(math.isclose(lr, x, rel_tol=1e-2) for x in only_lrs):
                     continue
                 for seed in sorted(point_seeds):
                     points.append(Point(arm.task, spec, float(lr), batch, seed, task.epochs,
@@ -371,8 +370,6 @@ def summarize(records: list[dict], quick: bool = False) -> list[dict]:
 
     A point where any seed diverged counts as infinite loss (never a best; the sensitivity
     counts it as a uniform guess)."""
-    from .sweep_tasks import get_task
-
     all_arms = arms(quick)
     blocks: dict = {}
     for record in records:
