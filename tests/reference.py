@@ -34,13 +34,13 @@ and at a boundary its sum counts as zero (no sign) unless ``|s| > z * sqrt(q)``;
 ``q = 0``.
 
 With ``pooled=z`` each parameter, at a boundary, also takes one factor for all its elements:
-over the elements with ``0 < q < inf`` (and a finite ``s``), ``x = s**2 / q``, their mean ``m``
-and (population) variance ``v`` over the ``n`` of them; with ``n >= 2``, the factor is
-``1 + lr_high`` where ``m - 1 > z * sqrt(v / n)``, ``lr_low`` where ``1 - m > z * sqrt(v / n)``,
-else 1. An element's new gain is its gain times its own factor (``1 + lr_high``, ``lr_low`` or
-1, by the rule above) times the parameter's, then clamped once. Under ``"hold"`` an element
-without a remembered sign whose gain the parameter's factor changes remembers the raw sign
-of its sum (``+`` for a zero sum).
+``A`` elements counted a sign that agrees with their previous one, ``F`` one that is opposite
+(a zero or not significant sum is neither, under both policies); the factor is ``1 +
+lr_high`` where ``A - F > z * sqrt(A + F)``, ``lr_low`` where ``F - A > z * sqrt(A + F)``,
+else 1. An element's new gain is its gain times its own factor (``1 + lr_high``, ``lr_low``
+or 1, by the rule above) times the parameter's, then clamped once. Under ``"hold"`` an
+element without a remembered sign whose gain the parameter's factor changes remembers the
+raw sign of its sum (``+`` for a zero sum).
 
 Like torch's optimizers, a parameter's state (base and ActiveLR) is created when it first
 receives a gradient; a parameter whose gradient is ``None`` takes no base step and adds
@@ -262,30 +262,32 @@ def adapt_element(gain: float, prev, total: float, group: dict, squares: float =
     return gain, prev
 
 
-def pooled_factor(sums: list, squares: list, group: dict) -> float:
-    """The parameter's factor under ``pooled`` (module docstring)."""
-    xs = [total * total / square for total, square in zip(sums, squares)
-          if 0 < square < math.inf and math.isfinite(total)]
-    if len(xs) < 2:
-        return 1.0
-    mean = sum(xs) / len(xs)
-    variance = max(sum(x * x for x in xs) / len(xs) - mean * mean, 0.0)
-    margin = group["pooled"] * math.sqrt(variance / len(xs))
-    if mean - 1 > margin:
+def pooled_factor(decisions: list, group: dict) -> float:
+    """The parameter's factor under ``pooled``, from its elements' ``(counted sign, previous
+    sign)`` pairs (module docstring)."""
+    agreed = sum(1 for sign, prev in decisions if sign != 0 and prev and sign == prev)
+    flipped = sum(1 for sign, prev in decisions if sign != 0 and prev and sign == -prev)
+    margin = group["pooled"] * math.sqrt(agreed + flipped)
+    if agreed + flipped and agreed - flipped > margin:
         return 1 + group["lr_high"]
-    if 1 - mean > margin:
+    if agreed + flipped and flipped - agreed > margin:
         return group["lr_low"]
     return 1.0
 
 
-def adapt_pooled(gain: float, prev, total: float, square: float, factor: float, group: dict):
-    """One element at a boundary under ``pooled`` (float gains; multiplicative increase)."""
-    sign = _sign(total)
-    raw = sign
+def counted_sign(total: float, square: float, group: dict) -> int:
+    """The sign a period's sum counts with (0: zero, or not significant)."""
     if group["significance"] is not None and not abs(total) > group["significance"] * math.sqrt(
         square
     ):
-        sign = 0
+        return 0
+    return _sign(total)
+
+
+def adapt_pooled(gain: float, prev, total: float, square: float, factor: float, group: dict):
+    """One element at a boundary under ``pooled`` (float gains; multiplicative increase)."""
+    sign = counted_sign(total, square, group)
+    raw = _sign(total)
     own = 1.0
     if group["zero_sum"] == "hold":
         if prev is not None and sign != 0:
@@ -364,7 +366,9 @@ class Reference:
         sums = state["sum"].reshape(-1).tolist()
         squares = state["squares"].reshape(-1).tolist()
         if group["pooled"] is not None:
-            factor = pooled_factor(sums, squares, group)
+            factor = pooled_factor([(counted_sign(total, square, group), state["prev"][i])
+                                    for i, (total, square) in enumerate(zip(sums, squares))],
+                                   group)
             for i, (gain, total, square) in enumerate(zip(gains, sums, squares)):
                 gains[i], state["prev"][i] = adapt_pooled(gain, state["prev"][i], total,
                                                           square, factor, group)

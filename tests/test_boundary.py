@@ -36,7 +36,7 @@ def _states(option, n=4000, grad_sum_dtype=None, seed=0, gain_dtype=None):
     for shape in ((n,), (37, 11)):
         state: dict = {}
         rule.init_state(torch.zeros(shape), state, option["zero_sum"], grad_sum_dtype,
-                        option["significance"] is not None or "pooled" in option, gain_dtype)
+                        option["significance"] is not None, gain_dtype)
         numel = state["gain"].numel()
         lattice = 1.5 ** torch.randint(-4, 5, (numel,), generator=generator).float()
         signs = torch.randint(0, 3, (numel,), generator=generator).float() - 1  # -1, 0, 1
@@ -250,3 +250,17 @@ def test_gain_stats_figures_are_plain_numbers():
     stats = optimizer.gain_stats()[0]
     assert all(isinstance(value, (int, float)) for value in stats.values()), stats
     json.dumps(stats)
+
+
+def test_pooled_factor_is_a_sign_test_on_agreements_and_flips():
+    """``pooled=z``: a tensor's gains all grow where agreements exceed flips by more than
+    ``z * sqrt(agreements + flips)``, all shrink where flips exceed agreements by as much,
+    else hold (and hold with no counted sign at all)."""
+    def factor(agreed, flipped, z=2.0):
+        return float(rule.pooled_factor(torch.tensor(float(agreed)), torch.tensor(
+            float(flipped)), z, 1.5, 1 / 1.5))
+
+    assert factor(100, 10) == 1.5 and factor(10, 100) == pytest.approx(1 / 1.5)
+    assert factor(55, 45) == 1.0 and factor(0, 0) == 1.0
+    # the margin: 2 * sqrt(100) = 20
+    assert factor(60, 40) == 1.0 and factor(61, 39) == 1.5

@@ -67,11 +67,11 @@ class ActiveConfig:
         "holds); needs period > z**2; None: every sign counts (the paper)")
     pooled: float | None = _option(
         None, float,
-        "z > 0: a tensor-wide test at each boundary: where the mean over the tensor's elements "
-        "of s**2 / sum(g**2) (1 under noise, above where the period's gradients agree, below "
-        "where they oscillate) exceeds 1 by more than z standard errors, every gain of the "
-        "tensor grows by the increase factor; where it falls short of 1 by as much, every "
-        "gain shrinks by lr_low; needs gain_increase='multiplicative'; None: off")
+        "z > 0: a tensor-wide sign test at each boundary: where the tensor's elements whose "
+        "counted sign agrees with their previous one outnumber those whose sign flipped by "
+        "more than z * sqrt(both), every gain of the tensor grows by 1 + lr_high; where flips "
+        "outnumber agreements by as much, every gain shrinks by lr_low (each element's own "
+        "change applies too); needs gain_increase='multiplicative'; None: off")
     zero_sum: str = _option(
         "hold", str, f"what a zero (or not significant) sum does: one of {ZERO_SUM_POLICIES}")
     grad_sum_dtype: str | None = _option(
