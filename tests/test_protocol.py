@@ -236,3 +236,18 @@ def test_cli_protocol_runs_resumes_and_reports(tmp_path):
     assert "[1/" not in again.stdout  # nothing ran again
     summary = json.loads((tmp_path / "protocol.json").read_text())["summary"]
     assert summary[0]["base"] == "sgd_momentum"
+
+
+def test_the_whole_protocol_fits_in_8_hours_on_2_cores():
+    """Seed 0 everywhere, then the later seeds where a seed-0 result (best at 1e-3, peers at
+    their default multiplier) says they decide: under 8 hours at the measured run times."""
+    first = protocol.plan()
+    records = [_record(p.task, p.optim, p.lr, 0, 1 + abs(math.log10(
+        p.lr / (1.0 if p.optim in ("prodigy", "dadapt_adam") else 1e-3))),
+        batch=p.batch_size, schedule=p.schedule) for p in first]
+    everything = protocol.plan(records=records)
+    assert {p.seed for p in everything} == set(protocol.PUBLISHED_SEEDS)
+    assert protocol.estimate_hours(everything) < 8.0
+    # The long runs confirm only the default against AdamW.
+    later = {p.optim for p in everything if p.task == "gpt2-long" and p.seed > 0}
+    assert later == {"active_adamw", "adamw_torch"}

@@ -27,11 +27,12 @@ a user would pick instead.
   lr 1e-3, the start-scale controls of those points, the peers' defaults), chosen from the
   finished seed-0 runs, so a second round of planning adds them.
 
-Pruned, to keep the whole under about 8 hours on 2 cores (:func:`estimate_hours`): the
-previous default (``preset=two_sided``) is retired from every arm; the peers run on their
-grids on the three short tasks (on the LoRA and long runs, at their defaults only); the
-batch-512 arms use the linear schedule and the middle of the grid; the LoRA and long runs
-use the part of the grid where any optimizer learns in their few hundred / 3200 steps.
+Pruned, to keep the whole near 8 hours on 2 cores (:func:`estimate_hours`): the previous
+default (``preset=two_sided``) is retired from every arm; the peers run on their grids on the
+three short tasks (on the LoRA and long runs, at their defaults only); the batch-512 arms use
+the linear schedule and the middle of the grid; the LoRA and long runs use the part of the
+grid where any optimizer learns in their few hundred / 3200 steps, and confirm with later
+seeds only the default against AdamW (:attr:`Arm.confirm`).
 
 Runs are ordinary sweep points (:mod:`hf_activelr.experiments.sweep`), stored one file each, so
 the protocol resumes where it stopped, and a run is redone only when the settings behind its
@@ -118,6 +119,9 @@ class Arm:
     batch_size: int | None = None  # None: the task's own
     schedules: tuple = SCHEDULES
     peers: str = "grid"
+    #: The optimizers that get the later seeds (None: all); the long runs confirm only the
+    #: comparison the targets make (the default against its base).
+    confirm: tuple | None = None
 
     def label(self, schedule: str) -> str:
         batch = f", batch {self.batch_size}" if self.batch_size else ""
@@ -143,9 +147,10 @@ def arms(quick: bool = False) -> list[Arm]:
         Arm("gpt2-text", "adamw_torch", ADAMW_OPTIMS, ADAMW_LRS),
         Arm("resnet-digits", "adamw_torch", ADAMW_OPTIMS, ADAMW_LRS),
         Arm("resnet-digits", "sgd_momentum", SGD_OPTIMS, SGD_LRS, peers="none"),
-        Arm("lora-minilm", "adamw_torch", ADAMW_OPTIMS, half_decades(-4, -1), peers="default"),
+        Arm("lora-minilm", "adamw_torch", ADAMW_OPTIMS, half_decades(-4, -1), peers="default",
+            confirm=("active_adamw", "adamw_torch")),
         Arm("gpt2-long", "adamw_torch", ADAMW_OPTIMS, (3.16e-4, 1e-3, 3.16e-3, 1e-2),
-            peers="default"),
+            peers="default", confirm=("active_adamw", "adamw_torch")),
         Arm("vit-digits", "adamw_torch", ADAMW_OPTIMS, half_decades(-4, -2), batch_size=512,
             schedules=("linear",), peers="none"),
         Arm("gpt2-text", "adamw_torch", ADAMW_OPTIMS, half_decades(-4, -2), batch_size=512,
@@ -277,7 +282,9 @@ def plan(quick: bool = False, seeds=None, candidates=(), only_tasks=None,
                 for key in wanted:
                     wanted[key] = set(explicit_seeds)
             elif later_seeds and records is not None:
-                for spec, lrs in decisive_lrs(records, arm, schedule, optims).items():
+                confirmed = [o for o in optims if arm.confirm is None or o in arm.confirm
+                             or o in mine]
+                for spec, lrs in decisive_lrs(records, arm, schedule, confirmed).items():
                     for lr in lrs:
                         wanted.setdefault((spec, lr), set()).update(later_seeds)
             for (spec, lr), point_seeds in wanted.items():
