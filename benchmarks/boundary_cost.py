@@ -10,8 +10,9 @@ from). Prints, as multiples of one fused AdamW step on the same parameters, time
 it (the paired median of the ratios, as ``step_cost.py`` does): the eager and the compiled
 boundary with and without the statistics, a ``gain_stats()`` call after a boundary (it sums up
 the histogram), and the statistics computed from the gains (what a call costs after a load).
-The default preset's settings (significance test, bounds, ``gain_init`` 0.3), random period
-sums and gains on its lattice; ``--lean``: bfloat16 gains and sums.
+The default preset's settings (significance test, bounds, ``gain_init``), random period
+sums and gains on its lattice; ``--lean``: bfloat16 gains and sums; ``--pooled Z``: with the
+tensor-wide test.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ except ImportError:  # pragma: no cover - imported as benchmarks.boundary_cost
     from .step_cost import gpt2_shapes
 
 
-def make_states(shapes, lean: bool, generator):
+def make_states(shapes, lean: bool, generator, pooled=None):
     group = {**presets.SIGNIFICANT.group_values()}
+    if pooled is not None:
+        group["pooled"] = pooled
     if lean:
         group.update(gain_dtype="bfloat16", grad_sum_dtype="bfloat16")
     states = []
@@ -63,6 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lean", action="store_true", help="bfloat16 gains and sums")
+    parser.add_argument("--pooled", type=float, help="with the tensor-wide test pooled=Z")
     args = parser.parse_args(argv)
     generator = torch.Generator().manual_seed(0)
     shapes = gpt2_shapes(args.layers, vocab=args.vocab, width=args.width)
@@ -71,7 +75,7 @@ def main(argv=None) -> None:
         param.grad = torch.randn(param.shape, generator=generator) * 1e-2
     peer = torch.optim.AdamW(params, fused=True)
     peer.step()
-    states, group = make_states(shapes, args.lean, generator)
+    states, group = make_states(shapes, args.lean, generator, args.pooled)
 
     def boundary(code, with_stats: bool):
         stats = rule.GainStats(torch.device("cpu")) if with_stats else None
@@ -117,6 +121,7 @@ def main(argv=None) -> None:
     elements = sum(p.numel() for p in params)
     print(f"\n{elements / 1e6:.0f}M parameters in {len(params)} tensors, "
           f"{'bfloat16' if args.lean else 'float32'} gains and sums, "
+          f"{'pooled=' + format(args.pooled, 'g') + ', ' if args.pooled else ''}"
           f"{torch.get_num_threads()} threads; {args.repeats} pairs each\n")
     print("| what | x a fused AdamW step (paired median) | range |")
     print("|---|---|---|")

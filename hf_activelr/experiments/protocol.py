@@ -606,7 +606,7 @@ def markdown(summary: list[dict]) -> str:
             out.append("| " + " | ".join(cells) + " |")
             if row["control_lrs"]:
                 base = next(r for r in block["rows"] if r["optim"] == block["base"])
-                cells = [f"↳ `{block['base']}` at {row['gain_init']:g} × lr (start-scale "
+                cells = [f"↳ `{block['base']}` at {row['gain_init']:.3g} × lr (start-scale "
                          "control)"]
                 cells += [_cell(base["points"].get(row["control_lrs"].get(lr)))
                           for lr in grid]
@@ -669,7 +669,7 @@ def plot(summary: list[dict], output_dir) -> list[pathlib.Path]:
                          if c in base["points"] and math.isfinite(base["points"][c]["mean"])]
                 if pairs:
                     ax.plot(*zip(*sorted(pairs)), linestyle="--", color=line.get_color(),
-                            alpha=0.6, label=f"{block['base']} at {row['gain_init']:g}×lr "
+                            alpha=0.6, label=f"{block['base']} at {row['gain_init']:.3g}×lr "
                             f"(start of {row['optim']})")
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (peers marked default: their lr multiplier 1)")
