@@ -53,7 +53,8 @@ def _sweep(args) -> int:
                                  candidates=args.candidates or (), only_tasks=args.tasks,
                                  only_schedules=args.schedules, peers=not args.no_peers,
                                  candidates_only=args.candidates_only,
-                                 only_lrs=args.protocol_lrs, records=records)
+                                 only_lrs=args.protocol_lrs, records=records,
+                                 only_batch_sizes=args.protocol_batch_sizes)
 
         # Two rounds at most: seed 0 everywhere, then the later seeds where seed 0 says
         # they decide something (protocol.decisive_lrs).
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--protocol-lrs", "--protocol_lrs", dest="protocol_lrs", nargs="+",
                        type=float, help="with --protocol: only the grid's learning rates "
                        "within 1%% of these (screening)")
+    sweep.add_argument("--protocol-batch-sizes", "--protocol_batch_sizes",
+                       dest="protocol_batch_sizes", nargs="+", type=int,
+                       help="with --protocol: only the arms at these batch sizes (screening)")
     sweep.add_argument("--schedules", nargs="+", choices=["linear", "constant"],
                        help="with --protocol: only these schedules (screening)")
     sweep.set_defaults(func=_sweep)

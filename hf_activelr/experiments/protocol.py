@@ -238,10 +238,10 @@ def _grid_of(arm: Arm, spec: str) -> list:
 
 def plan(quick: bool = False, seeds=None, candidates=(), only_tasks=None,
          only_schedules=None, peers: bool = True, candidates_only: bool = False,
-         only_lrs=None, records=None) -> list[Point]:
+         only_lrs=None, records=None, only_batch_sizes=None) -> list[Point]:
     """The protocol's points. ``candidates``: extra optimizer specs screened on the AdamW arms
     (``"active_adamw:..."``) or the SGD arms (``"active_sgd:..."``); ``only_tasks`` /
-    ``only_schedules`` / ``only_lrs``: keep these only (screening); ``peers=False``: leave out
+    ``only_schedules`` / ``only_lrs`` / ``only_batch_sizes``: keep these only (screening); ``peers=False``: leave out
     the installed peers; ``candidates_only``: the candidates and each arm's base, nothing else.
     ``seeds``: every point at each of these seeds (screening); default: seed 0 everywhere and
     the published seeds at the :func:`decisive_lrs` of ``records`` (the finished runs)."""
@@ -256,6 +256,8 @@ def plan(quick: bool = False, seeds=None, candidates=(), only_tasks=None,
             continue
         task = get_task(arm.task)
         batch = arm.batch_size or task.batch_size
+        if only_batch_sizes and batch not in only_batch_sizes:
+            continue
         family = "active_sgd" if arm.base == "sgd_momentum" else "active_adamw"
         mine = [c for c in candidates if c.split(":")[0].startswith(family)]
         arm_peers = [peer for peer in PEERS if peer.name in installed and arm.peers != "none"]
