@@ -241,8 +241,9 @@ def plan(quick: bool = False, seeds=None, candidates=(), only_tasks=None,
          only_lrs=None, records=None, only_batch_sizes=None) -> list[Point]:
     """The protocol's points. ``candidates``: extra optimizer specs screened on the AdamW arms
     (``"active_adamw:..."``) or the SGD arms (``"active_sgd:..."``); ``only_tasks`` /
-    ``only_schedules`` / ``only_lrs`` / ``only_batch_sizes``: keep these only (screening); ``peers=False``: leave out
-    the installed peers; ``candidates_only``: the candidates and each arm's base, nothing else.
+    ``only_schedules`` / ``only_lrs`` / ``only_batch_sizes``: keep these only (screening);
+    ``peers=False``: leave out the installed peers; ``candidates_only``: the candidates and
+    each arm's base, nothing else.
     ``seeds``: every point at each of these seeds (screening); default: seed 0 everywhere and
     the published seeds at the :func:`decisive_lrs` of ``records`` (the finished runs)."""
     from .sweep_tasks import get_task
