@@ -399,6 +399,8 @@ def summarize(records: list[dict], quick: bool = False) -> list[dict]:
         base_points = points[arm.base]
         grid = list(arm.lrs)
         best_lr = _best(base_points, grid)
+        if best_lr is None:  # the base has run no point of the grid yet
+            continue
         variances = [p["std"] ** 2 for p in base_points.values() if p["std"] is not None]
         tolerance = math.sqrt(sum(variances) / len(variances)) if variances else 0.0
         task_best = min((p["mean"] for pts in points.values() for p in pts.values()),
