@@ -682,13 +682,20 @@ def plot(summary: list[dict], output_dir) -> list[pathlib.Path]:
         ax.set_title(f"{block['arm']}: mean over seeds")
         ax.legend(fontsize=6.5)
         ax.grid(alpha=0.3)
-        figure.tight_layout()
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", block["arm"]).strip("_")
-        path = pathlib.Path(output_dir) / f"sweep_{slug}.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        paths.append(path)
+        paths.append(_save(figure, output_dir, "sweep", block["arm"]))
     return paths
+
+
+def _save(figure, output_dir, prefix: str, arm: str) -> pathlib.Path:
+    """Save ``figure`` as ``<prefix>_<arm as a file name>.png`` and close it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", arm).strip("_")
+    path = pathlib.Path(output_dir) / f"{prefix}_{slug}.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 def plot_health(records: list[dict], summary: list[dict], output_dir,
@@ -725,12 +732,7 @@ def plot_health(records: list[dict], summary: list[dict], output_dir,
         bottom.set_xlabel("optimizer step")
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-        figure.tight_layout()
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", block["arm"]).strip("_")
-        path = pathlib.Path(output_dir) / f"protocol_gains_{slug}.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        paths.append(path)
+        paths.append(_save(figure, output_dir, "protocol_gains", block["arm"]))
     return paths
 
 
