@@ -1,6 +1,8 @@
 """The quality protocol: one fixed set of runs behind every quality table in README and docs/.
 
-    hf-activelr sweep --protocol --output_dir outputs/protocol            # resumable
+    hf-activelr sweep --protocol --output_dir docs/protocol               # resumable
+
+(The published runs are committed under ``docs/protocol/runs/``, so a later session resumes them.)
     hf-activelr sweep --protocol --quick --output_dir outputs/protocol_quick  # < 10 minutes
 
 What it must be able to tell (issue 19): whether the ActiveLR *rule* makes training better and
