@@ -33,9 +33,7 @@ except ImportError:  # pragma: no cover - imported as benchmarks.boundary_cost
 
 
 def make_states(shapes, lean: bool, generator, pooled=None):
-    group = {**presets.SIGNIFICANT.group_values()}
-    if pooled is not None:
-        group["pooled"] = pooled
+    group = {**presets.SIGNIFICANT.group_values(), "pooled": pooled}
     if lean:
         group.update(gain_dtype="bfloat16", grad_sum_dtype="bfloat16")
     states = []

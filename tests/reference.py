@@ -231,20 +231,21 @@ def _rounded_gain(relative: float, grown: bool, group: dict) -> float:
     return float(new.to(torch.bfloat16))
 
 
-def adapt_element(gain: float, prev, total: float, group: dict, squares: float = 0.0):
+def adapt_element(gain: float, prev, total: float, group: dict, squares: float = 0.0,
+                  factor: float = 1.0):
     """One element at a boundary: returns ``(new gain, new previous sign)``. With
-    ``gain_dtype="bfloat16"`` the gain given and returned is the relative one."""
-    sign = _sign(total)
-    if group["significance"] is not None and not abs(total) > group["significance"] * math.sqrt(
-        squares
-    ):
-        sign = 0  # the sum does not stand out of its period's noise
+    ``gain_dtype="bfloat16"`` the gain given and returned is the relative one. ``factor``: its
+    parameter's factor under ``pooled`` (1 without)."""
+    sign = counted_sign(total, squares, group)
     changed = grown = False
     if group["zero_sum"] == "hold":
         if prev is not None and sign != 0:  # prev is never 0 under "hold"
             changed, grown = True, sign == prev
         if sign != 0:
             prev = sign
+        elif prev is None and factor != 1.0:
+            raw = _sign(total)
+            prev = raw if raw != 0 else 1  # the factor moves it: it needs a sign
     elif group["zero_sum"] == "flip":
         if prev is not None:
             changed, grown = True, prev * sign > 0
@@ -255,6 +256,9 @@ def adapt_element(gain: float, prev, total: float, group: dict, squares: float =
         return _rounded_gain(gain, grown, group), prev
     if changed:
         gain = _grown(gain, group) if grown else gain * group["lr_low"]
+    if factor != 1.0:
+        gain = gain * factor
+    if changed or factor != 1.0:  # the bounds apply once, to the combined change
         if group["gain_min"] is not None:
             gain = max(gain, group["gain_min"])
         if group["gain_max"] is not None:
@@ -282,32 +286,6 @@ def counted_sign(total: float, square: float, group: dict) -> int:
     ):
         return 0
     return _sign(total)
-
-
-def adapt_pooled(gain: float, prev, total: float, square: float, factor: float, group: dict):
-    """One element at a boundary under ``pooled`` (float gains; multiplicative increase)."""
-    sign = counted_sign(total, square, group)
-    raw = _sign(total)
-    own = 1.0
-    if group["zero_sum"] == "hold":
-        if prev is not None and sign != 0:
-            own = 1 + group["lr_high"] if sign == prev else group["lr_low"]
-        if sign != 0:
-            prev = sign
-        elif prev is None and factor != 1.0:
-            prev = raw if raw != 0 else 1  # the factor moves it: it needs a sign
-    else:  # flip
-        if prev is not None:
-            own = 1 + group["lr_high"] if prev * sign > 0 else group["lr_low"]
-        prev = sign
-    if own == 1.0 and factor == 1.0:
-        return gain, prev
-    gain = gain * own * factor
-    if group["gain_min"] is not None:
-        gain = max(gain, group["gain_min"])
-    if group["gain_max"] is not None:
-        gain = min(gain, group["gain_max"])
-    return gain, prev
 
 
 class Reference:
@@ -365,20 +343,12 @@ class Reference:
         gains = state["gain"].reshape(-1).tolist()
         sums = state["sum"].reshape(-1).tolist()
         squares = state["squares"].reshape(-1).tolist()
-        if group["pooled"] is not None:
-            factor = pooled_factor([(counted_sign(total, square, group), state["prev"][i])
-                                    for i, (total, square) in enumerate(zip(sums, squares))],
-                                   group)
-            for i, (gain, total, square) in enumerate(zip(gains, sums, squares)):
-                gains[i], state["prev"][i] = adapt_pooled(gain, state["prev"][i], total,
-                                                          square, factor, group)
-            state["gain"] = torch.tensor(gains, dtype=torch.float64).reshape(state["gain"].shape)
-            state["sum"] = torch.zeros_like(state["sum"])
-            state["squares"] = torch.zeros_like(state["squares"])
-            return
+        factor = 1.0 if group["pooled"] is None else pooled_factor(
+            [(counted_sign(total, square, group), state["prev"][i])
+             for i, (total, square) in enumerate(zip(sums, squares))], group)
         for i, (gain, total, square) in enumerate(zip(gains, sums, squares)):
             gains[i], state["prev"][i] = adapt_element(gain, state["prev"][i], total, group,
-                                                       square)
+                                                       square, factor)
         state["gain"] = torch.tensor(gains, dtype=torch.float64).reshape(state["gain"].shape)
         state["sum"] = torch.zeros_like(state["sum"])
         state["squares"] = torch.zeros_like(state["squares"])

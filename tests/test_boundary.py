@@ -60,7 +60,7 @@ def _states(option, n=4000, grad_sum_dtype=None, seed=0, gain_dtype=None):
 
 
 def _group(option):
-    return {"lr_high": 0.5, "lr_low": 0.5, **option}
+    return {"lr_high": 0.5, "lr_low": 0.5, "pooled": None, **option}
 
 
 def _clone(states):

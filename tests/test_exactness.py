@@ -435,18 +435,13 @@ def test_pooled_against_reference(variant, zero_sum):
     them."""
     for period, foreach, significance in itertools.product([3, 7], [True, False],
                                                            [None, 1.0]):
-        opt, _ = _run_against_reference(
-            variant, period=period, lr_high=0.5, lr_low=1 / 1.5, zero_sum=zero_sum,
-            foreach=foreach, steps=12 * period + 8, gain_increase="multiplicative",
-            significance=significance, pooled=0.5, gain_init=0.3,
-            gains_tol=dict(rtol=1e-13, atol=0.0),
-        )
+        run = dict(period=period, lr_high=0.5, lr_low=1 / 1.5, zero_sum=zero_sum,
+                   foreach=foreach, steps=12 * period + 8, gain_increase="multiplicative",
+                   significance=significance, gain_init=0.3,
+                   gains_tol=dict(rtol=1e-13, atol=0.0))
+        opt, _ = _run_against_reference(variant, pooled=0.5, **run)
         # The factor bites: without it the same run ends with other gains.
-        plain, _ = _run_against_reference(
-            variant, period=period, lr_high=0.5, lr_low=1 / 1.5, zero_sum=zero_sum,
-            foreach=foreach, steps=12 * period + 8, gain_increase="multiplicative",
-            significance=significance, gain_init=0.3, gains_tol=dict(rtol=1e-13, atol=0.0),
-        )
+        plain, _ = _run_against_reference(variant, **run)
         assert not all(torch.equal(opt.state[p]["gain"], plain.state[q]["gain"])
                        for p, q in zip(_all_params(opt), _all_params(plain)))
 

@@ -25,7 +25,7 @@ _PATTERNS = [
 def _group(lr_high, lr_low, zero_sum, gain_min=None, gain_max=None):
     return {"lr_high": lr_high, "lr_low": lr_low, "zero_sum": zero_sum, "gain_min": gain_min,
             "gain_max": gain_max, "gain_increase": "additive", "gain_init": 1.0,
-            "significance": None}
+            "significance": None, "pooled": None}
 
 
 def _states(zero_sum, dtypes=(torch.float32, torch.float64)):

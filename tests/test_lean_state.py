@@ -248,8 +248,8 @@ def test_a_refused_lean_group_on_load_loses_nothing():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lean", [False, True, "pooled"], ids=["fp32", "lean", "pooled"])
-def test_boundary_benchmark_runs(lean, capsys):
+@pytest.mark.parametrize("mode", ["fp32", "lean", "pooled"])
+def test_boundary_benchmark_runs(mode, capsys):
     """benchmarks/boundary_cost.py (README's boundary figures) on a tiny model."""
     import importlib.util
     import pathlib
@@ -263,11 +263,10 @@ def test_boundary_benchmark_runs(lean, capsys):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.main(["--layers", "1", "--vocab", "64", "--width", "32", "--repeats", "1"]
-                    + (["--lean"] if lean is True else [])
-                    + (["--pooled", "2"] if lean == "pooled" else []))
+                    + {"fp32": [], "lean": ["--lean"], "pooled": ["--pooled", "2"]}[mode])
     finally:
         sys.path.remove(str(directory))
     printed = capsys.readouterr().out
     assert "| boundary, compiled, with statistics |" in printed
-    assert ("bfloat16 gains" if lean is True else "float32 gains") in printed
-    assert ("pooled=2" in printed) == (lean == "pooled")
+    assert ("bfloat16 gains" if mode == "lean" else "float32 gains") in printed
+    assert ("pooled=2" in printed) == (mode == "pooled")

@@ -222,10 +222,10 @@ def decisive_lrs(records: list[dict], arm: Arm, schedule: str, optims: list[str]
             lrs = {best(optim), *around}
             if _on(UNTOUCHED_LR, grid) is not None:
                 lrs.add(_on(UNTOUCHED_LR, grid))
+            controls = control_lrs(optim, grid)
             for lr in [lr for lr in lrs if lr is not None]:
-                control = control_lrs(optim, grid).get(lr)
-                if control is not None:
-                    chosen.setdefault(arm.base, set()).add(control)
+                if lr in controls:
+                    chosen.setdefault(arm.base, set()).add(controls[lr])
         chosen.setdefault(optim, set()).update(lr for lr in lrs if lr is not None)
     return {optim: sorted(lrs) for optim, lrs in chosen.items()}
 
@@ -305,10 +305,7 @@ def plan(quick: bool = False, seeds=None, candidates=(), only_tasks=None,
 def estimate_hours(points: list[Point], jobs: int = 2) -> float:
     """The wall hours ``points`` take on 2 cores with ``jobs`` runs at a time, from the run
     times measured so far (:data:`RUN_SECONDS`, seconds per run with two runs side by side)."""
-    seconds = 0.0
-    for point in points:
-        cost = RUN_SECONDS.get((point.task, point.batch_size), 60.0)
-        seconds += cost
+    seconds = sum(RUN_SECONDS.get((point.task, point.batch_size), 60.0) for point in points)
     return seconds / max(jobs, 1) / 3600
 
 
@@ -395,8 +392,8 @@ def summarize(records: list[dict], quick: bool = False) -> list[dict]:
     for (arm, schedule), by_optim in blocks.items():
         if arm.base not in by_optim:
             continue
-        chance = next(iter(next(iter(by_optim.values())).values()))[0].get(
-            "chance_loss", math.inf)
+        chance = next(run for by_lr in by_optim.values() for runs in by_lr.values()
+                      for run in runs).get("chance_loss", math.inf)
         points = {optim: _points(by_lr, chance) for optim, by_lr in by_optim.items()}
         base_points = points[arm.base]
         grid = list(arm.lrs)
@@ -411,10 +408,7 @@ def summarize(records: list[dict], quick: bool = False) -> list[dict]:
         rows = []
         for optim, pts in points.items():
             peer = _peer(optim)
-            own_grid = ([lr for lr in pts if lr in peer.grid] or list(pts)) if peer \
-                else [lr for lr in grid if lr in pts]
-            if not own_grid:
-                own_grid = list(pts)
+            own_grid = [lr for lr in (peer.grid if peer else grid) if lr in pts] or list(pts)
             capped = [pts[lr]["capped"] - task_best for lr in own_grid]
             at_best = pts.get(best_lr)
             untouched = peer.default_lr if peer else _on(UNTOUCHED_LR, grid)
@@ -428,7 +422,6 @@ def summarize(records: list[dict], quick: bool = False) -> list[dict]:
                 "best_lr": best,
                 "best": pts[best]["mean"] if best is not None else math.inf,
                 "at_base_best": None if at_best is None else at_best["mean"],
-                "at_base_best_std": None if at_best is None else at_best["std"],
                 "at_untouched": pts[untouched]["mean"] if untouched in pts else None,
                 "untouched_lr": untouched,
                 "sensitivity": sum(capped) / len(capped) if capped else None,
@@ -438,8 +431,6 @@ def summarize(records: list[dict], quick: bool = False) -> list[dict]:
                 "runs": sum(p["seeds"] for p in pts.values()),
                 "seeds": max(p["seeds"] for p in pts.values()),
                 "gain_init": gain_init_of(optim) if not peer else None,
-                "controls": {lr: base_points.get(control, {}).get("mean")
-                             for lr, control in controls.items()},
                 "control_lrs": controls,
                 "wall_s": sum(p["wall_s"] for p in pts.values()),
             })
@@ -452,7 +443,7 @@ def summarize(records: list[dict], quick: bool = False) -> list[dict]:
         out.append({"arm": arm.label(schedule), "task": arm.task, "schedule": schedule,
                     "base": arm.base, "best_lr": best_lr, "tolerance": tolerance,
                     "task_best": task_best, "chance": chance, "grid": grid,
-                    "long": arm.task == "gpt2-long", "rows": rows})
+                    "rows": rows})
     out.sort(key=lambda block: block["arm"])
     return out
 
@@ -461,12 +452,13 @@ def beats_start(row: dict, base_points: dict, tolerance: float) -> dict:
     """Per grid lr with a start-scale control: better (by more than ``tolerance``), worse (by
     more than it) or even; counts of each."""
     better = worse = even = 0
-    for lr, control in row["controls"].items():
+    for lr, control_lr in row["control_lrs"].items():
         mine = row["points"].get(lr, {}).get("mean")
-        if mine is None or control is None:
+        control_point = base_points.get(control_lr)
+        if mine is None or control_point is None:
             continue
-        control_point = base_points.get(row["control_lrs"][lr], {})
-        tol = control_point.get("std") if control_point.get("std") is not None else tolerance
+        control = control_point["mean"]
+        tol = control_point["std"] if control_point["std"] is not None else tolerance
         if mine < control - tol:
             better += 1
         elif mine > control + tol:

@@ -52,8 +52,7 @@ PAPER_FALLBACK = {"lr_high": 0.05, "lr_low": 0.95}
 #: 0.03 to 30. A period of 10 steps, so runs shorter than two epochs adapt too.
 SIGNIFICANT = ActiveConfig(
     lr_high=0.5, lr_low=1 / 1.5, gain_increase="multiplicative", gain_init=10**-0.5,
-    gain_min=0.03,
-    gain_max=30.0, period=10, significance=2.0,
+    gain_min=0.03, gain_max=30.0, period=10, significance=2.0,
 )
 
 PRESETS = ("paper", "two_sided", "significant")

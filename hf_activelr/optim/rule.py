@@ -499,7 +499,7 @@ def boundary_scalars(group: dict, dtype: torch.dtype) -> dict:
         "low": floor if group["gain_min"] is None else max(group["gain_min"] / gain_init, floor),
         "high": math.inf if group["gain_max"] is None else group["gain_max"] / gain_init,
         "significance": group["significance"] or 0.0,
-        "pooled": group.get("pooled") or 0.0,
+        "pooled": group["pooled"] or 0.0,
         "multiplicative": group["gain_increase"] == "multiplicative",
         "gain_step": group["lr_high"] / gain_init,
     }
