@@ -11,10 +11,20 @@ ActiveLR's rule would see, without acting on it:
   previous counted sign (``A``) or are opposite (``F``); a tensor passes upward where
   ``A - F > z * sqrt(A + F)``, downward where ``F - A`` does;
 - the variance ratio ``mean(s**2 / q)`` per tensor (1 for independent symmetric noise): its
-  median over tensors and the share of tensors below 1.
+  median over tensors and the share of tensors below 1;
+- the hypergradient (Baydin et al., arXiv 1703.04782) pooled per tensor: each step
+  ``h = g_t . (p_t - p_(t-1))``, the gradient against the previous step's displacement,
+  which is ``lr`` times the derivative of the loss in the log learning rate
+  (``dL/d log lr = -lr g_t . u_(t-1)``, with ``u`` the update). Summed over the period and
+  scaled by its noise, ``T = sum h / sqrt(sum h**2)``: about N(0, 1) where the gradient is
+  independent of the last step; below ``-z`` the step keeps going downhill (a larger lr would
+  have helped: too small), above ``+z`` it overshoots (too large). Unlike a period sum's sign,
+  it sees the step-to-step oscillation a period's sum cancels. Printed: tensors with ``T <
+  -z`` / ``T > z`` (would grow / shrink) and the median ``T``.
 
 Printed every five periods: training loss, tensors up / down / hold, ``A`` and ``F`` summed
-over the model, the median ratio and the share below 1. Evidence for the rule, not a timing.
+over the model, the median ratio and the share below 1, and the hypergradient's readings.
+Evidence for the rule, not a timing.
 """
 
 from __future__ import annotations
@@ -47,6 +57,9 @@ def main() -> None:
         sums = [torch.zeros_like(p) for p in params]
         squares = [torch.zeros_like(p) for p in params]
         previous = [torch.zeros_like(p) for p in params]
+        displacements = [torch.zeros_like(p) for p in params]  # p_t - p_(t-1)
+        hyper = torch.zeros(len(params), dtype=torch.float64)  # sum of h over the period
+        hyper_sq = torch.zeros(len(params), dtype=torch.float64)  # sum of h**2
         loader = torch.utils.data.DataLoader(train, batch_size=task.batch_size, shuffle=True,
                                              drop_last=True)
         batches = iter(loader)
@@ -60,10 +73,16 @@ def main() -> None:
             loss = model(**batch).loss
             optimizer.zero_grad()
             loss.backward()
-            for param, total, square in zip(params, sums, squares):
+            for index, (param, total, square) in enumerate(zip(params, sums, squares)):
                 total.add_(param.grad)
                 square.addcmul_(param.grad, param.grad)
+                h = float((param.grad.double() * displacements[index].double()).sum())
+                hyper[index] += h
+                hyper_sq[index] += h * h
+                displacements[index].copy_(param.detach())
             optimizer.step()
+            for param, moved in zip(params, displacements):
+                torch.sub(param.detach(), moved, out=moved)
             if step % args.period:
                 continue
             up = down = hold = agreed_all = flipped_all = 0
@@ -86,12 +105,19 @@ def main() -> None:
                 prev.copy_(torch.where(counted != 0, counted, prev))
                 total.zero_()
                 square.zero_()
+            valid = hyper_sq > 0
+            t_stat = hyper[valid] / hyper_sq[valid].sqrt()
+            hyper.zero_()
+            hyper_sq.zero_()
             if step % (5 * args.period) == 0:
                 ratio = torch.tensor(ratios)
                 below = float((ratio < 1).float().mean())
                 print(f"step {step}: loss {loss.item():.3f}; tensors up/down/hold "
                       f"{up}/{down}/{hold}; agreed {agreed_all}, flipped {flipped_all}; "
-                      f"ratio median {ratio.median():.2f}, below 1 {below:.0%}", flush=True)
+                      f"ratio median {ratio.median():.2f}, below 1 {below:.0%}; hypergradient "
+                      f"grow/shrink {int((t_stat < -args.z).sum())}/"
+                      f"{int((t_stat > args.z).sum())} of {t_stat.numel()}, median T "
+                      f"{t_stat.median():.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -213,6 +213,9 @@ def test_fully_shard_matches_one_process(direct):
         assert_stats_close(stats, record["reference_gain_stats"][group], group, record,
                            counts=False)
     assert direct[0]["gain_stats"] == direct[1]["gain_stats"]
+    # optimizer.gain_stats() under FSDP2: the whole model's, not one rank's shard
+    assert direct[0]["method_gain_stats"] == direct[0]["gain_stats"]
+    assert direct[1]["method_gain_stats"] == direct[1]["gain_stats"]
 
 
 def test_fully_shard_grown_and_shrunk_shares_match_one_process(direct):

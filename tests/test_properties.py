@@ -37,7 +37,7 @@ def _setups(draw):
             "shapes": shapes,
             "dtypes": [draw(st.sampled_from(DTYPES)) for _ in shapes],
             "lr_high": draw(st.floats(0.0, 3.0)),
-            "lr_low": draw(st.floats(0.0, 1.0, exclude_min=True)),
+            "lr_low": draw(st.floats(1e-6, 1.0)),
             "period": draw(st.integers(1, 5)),
             "zero_sum": draw(st.sampled_from(["hold", "flip"])),
         })
@@ -143,9 +143,11 @@ def test_gains_match_a_plain_loop(setup):
 
 
 _negative = st.floats(max_value=-1e-300, allow_infinity=True)
-_bad_lr_high = st.one_of(_negative, st.just(math.nan), st.just(math.inf))
-_bad_lr_low = st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0, exclude_min=True),
-                        st.just(math.nan))
+# Beyond GAIN_LIMITS (config.py): lr_high above 1e6, lr_low below 1e-6.
+_bad_lr_high = st.one_of(_negative, st.just(math.nan), st.just(math.inf),
+                         st.floats(min_value=1e6, exclude_min=True))
+_bad_lr_low = st.one_of(st.floats(max_value=1e-6, exclude_max=True),
+                        st.floats(min_value=1.0, exclude_min=True), st.just(math.nan))
 _bad_period = st.one_of(st.integers(max_value=0), st.floats(allow_nan=True), st.booleans())
 
 

@@ -16,6 +16,7 @@ import pathlib
 import subprocess
 import sys
 
+from ..integrations.model_card import redact_command
 from . import reporting
 
 COLUMNS = (
@@ -43,9 +44,14 @@ def run_one(script, optim, output_dir, script_args, accelerate_config=None, forc
         print(f"[compare] {optim}: reusing {results_path}", flush=True)
         return json.loads(results_path.read_text())
     command = run_command(script, optim, output_dir, script_args, accelerate_config)
-    print(f"[compare] {optim}: {' '.join(command)}", flush=True)
+    shown = redact_command(command)  # never print a --hub_token
+    print(f"[compare] {optim}: {shown}", flush=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    subprocess.run(command, check=True, env=env)
+    completed = subprocess.run(command, check=False, env=env)
+    if completed.returncode != 0:
+        # Not CalledProcessError: its message and .cmd would carry the raw command line.
+        raise RuntimeError(f"[compare] {optim}: the run exited with status "
+                           f"{completed.returncode}: {shown}")
     return json.loads(results_path.read_text())
 
 

@@ -40,8 +40,16 @@ _METRIC_NAMES = {"eval_loss": "loss", "perplexity": "perplexity", "eval_accuracy
 REDACTED = "<redacted>"
 _SECRET_OPTION_WORDS = ("token", "key", "secret", "passw", "auth", "credential")
 # Option words that hold one of the above but no secret, and are needed to reproduce a run:
-# tokenizer names, token counts (--max_new_tokens), authors, keywords.
-_NOT_SECRET_WORDS = re.compile(r"tokeni[sz]\w*|tokens|authors?|keywords?|keyframes?")
+# tokenizer names, token counts (--max_new_tokens), special tokens (--pad_token), authors,
+# keywords. Anything else named like a secret is redacted (--api_tokens too): a redacted
+# setting costs a rerun a guess, a leaked one costs the account.
+_NOT_SECRET_WORDS = re.compile(
+    r"tokeni[sz]\w*|(?:max|min|num|new|total)_(?:new_)?tokens"
+    r"|(?:pad|eos|bos|unk|sep|cls|mask)_token(?:_ids?)?|authors?|keywords?|keyframes?")
+# Credentials inside a URL: scheme://user:password@host.
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+# Separators of key=value lists inside one argument (optim_args="a=1,api_key=...").
+_LIST_SEPARATOR = re.compile(r"([,;])")
 # Values that are secrets whatever the option: Hugging Face user and org tokens, GitHub and
 # OpenAI tokens, AWS access key ids.
 _SECRET_VALUE = re.compile(
@@ -60,10 +68,32 @@ def _is_secret_option(name: str) -> bool:
     return any(word in name for word in _SECRET_OPTION_WORDS)
 
 
+def _redact_arg(arg: str) -> str:
+    """One argument with its secrets redacted: after a name that looks like a secret and
+    ``=`` (``--hub_token=X``, ``WANDB_API_KEY=X``, ``optim_args=a=1,api_key=X``), in a URL's
+    user info, and anything shaped like a known token."""
+    name, equals, _ = arg.partition("=")
+    if equals and name.startswith("-") and _is_secret_option(name):
+        return f"{name}={REDACTED}"  # the whole value, commas included
+    pieces = _LIST_SEPARATOR.split(arg)
+    for index, piece in enumerate(pieces):
+        parts = piece.split("=")
+        for at, name in enumerate(parts[:-1]):
+            if _is_secret_option(name):
+                pieces[index] = "=".join([*parts[:at + 1], REDACTED])
+                break
+    arg = "".join(pieces)
+    arg = _URL_USERINFO.sub(REDACTED + "@", arg)
+    return _SECRET_VALUE.sub(REDACTED, arg)
+
+
 def redact_command(command: str | list[str]) -> str:
     """The command line as a shell string, with secrets replaced by ``<redacted>``: the values
     of options named like a secret (``--hub_token X``, ``--hub_token=X``, ``--api_key``,
-    ``--password``, ...) and anything shaped like a known token (``hf_...``), wherever it is.
+    ``--password``, ...; see ``_SECRET_OPTION_WORDS``), of ``NAME=value`` pairs so named
+    (``WANDB_API_KEY=...``, also inside a ``key=value,...`` list), a URL's user info
+    (``https://user:pw@host``) and anything shaped like a known token (``hf_...``), wherever
+    it is.
 
     ``command`` is an argv list, or a string (a record written before redaction existed)."""
     if isinstance(command, str):
@@ -79,15 +109,8 @@ def redact_command(command: str | list[str]) -> str:
             redacted.append(REDACTED)
             secret_next = False
             continue
-        secret_next = False
-        if arg.startswith("-"):
-            name, equals, _ = arg.partition("=")
-            if _is_secret_option(name):
-                if equals:
-                    arg = f"{name}={REDACTED}"
-                else:
-                    secret_next = True
-        redacted.append(_SECRET_VALUE.sub(REDACTED, arg))
+        secret_next = arg.startswith("-") and "=" not in arg and _is_secret_option(arg)
+        redacted.append(_redact_arg(arg))
     # Quoted for the shell, except the marker (it stands for a value, it is not one).
     return " ".join(
         REDACTED.join(shlex.quote(part) if part else "" for part in arg.split(REDACTED))
@@ -348,6 +371,12 @@ def _training_args_class(name: str):
     a dataclass (TrainingArguments itself) or accelerate's PartialState, from the modules above
     only (the module is imported only if it is one of them). Unpickling them sets attributes
     (or looks an enum member up): their code is not given the pickle's choice of callable."""
+    if name == "hf_activelr.integrations.transformers_patch.optimizer_name":
+        # An ActiveLR optimizer name (transformers_patch._PickledName): it looks the
+        # OptimizerNames member up, nothing else.
+        from . import transformers_patch
+
+        return transformers_patch.optimizer_name
     module, _, attribute = name.rpartition(".")
     if module not in _TRAINING_ARGS_MODULES:
         return None

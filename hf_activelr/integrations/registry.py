@@ -60,6 +60,8 @@ class RegisteredOptimizer:
 _REGISTRY: dict[str, RegisteredOptimizer] = {}
 _LISTENERS: list = []  # called with each new entry (the transformers integration)
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_BUILT_IN_DONE = False  # the built-in names below are known not to clash with transformers'
+
 
 
 def register(name: str, optimizer_cls, **defaults) -> RegisteredOptimizer:
@@ -76,6 +78,11 @@ def register(name: str, optimizer_cls, **defaults) -> RegisteredOptimizer:
             f"optimizer name {name!r} is already registered to "
             f"{_REGISTRY[name].optimizer_cls.__name__}"
         )
+    if name not in _REGISTRY and _BUILT_IN_DONE and name in transformers_names():
+        raise ValueError(
+            f"optimizer name {name!r} is transformers' own (TrainingArguments(optim={name!r}) "
+            "builds its optimizer): registering it would change what the stock name trains "
+            "with; choose another name")
     entry = RegisteredOptimizer(name, optimizer_cls, dict(defaults))
     unknown = set(defaults) - set(entry.accepted_options())
     if unknown:
@@ -87,6 +94,17 @@ def register(name: str, optimizer_cls, **defaults) -> RegisteredOptimizer:
     for listener in _LISTENERS:
         listener(entry)
     return entry
+
+
+def transformers_names() -> set[str]:
+    """The optimizer names transformers itself defines (empty without transformers). Imports
+    transformers: asked only when a name is registered after the built-in ones."""
+    try:
+        from transformers.training_args import OptimizerNames
+    except ImportError:
+        return set()
+    # The enum holds the registered names too (transformers_patch adds them).
+    return {str(member.value) for member in OptimizerNames} - set(_REGISTRY)
 
 
 def available_optimizers() -> list[str]:
@@ -142,3 +160,4 @@ register("active_radam", ActiveRAdam)
 register("active_adabelief", ActiveAdaBelief)
 register("active_adabound", ActiveAdaBound, **PAPER_FALLBACK)
 register("active_amsbound", ActiveAdaBound, **PAPER_FALLBACK, amsbound=True)
+_BUILT_IN_DONE = True

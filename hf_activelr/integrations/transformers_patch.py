@@ -61,10 +61,41 @@ def _add_enum_member(enum_cls, value: str) -> None:
     member._name_ = value.upper()
     member._value_ = value
     member._sort_order_ = len(enum_cls._member_names_)
+    if enum_cls.__name__ == "OptimizerNames":
+        # Pickled (training_args.bin) as a call to optimizer_name, so that unpickling imports
+        # hf_activelr first: enum's own pickling, OptimizerNames("active_adamw"), fails in a
+        # process that has not imported it.
+        member.__reduce_ex__ = _PickledName(value)
     enum_cls._member_map_[member._name_] = member
     enum_cls._value2member_map_[value] = member
     enum_cls._member_names_.append(member._name_)
     type.__setattr__(enum_cls, member._name_, member)
+
+
+def optimizer_name(value: str):
+    """The ``OptimizerNames`` member ``value``, the names registered (a ``training_args.bin``
+    saved with ``optim="active_*"`` unpickles through this: importing this module imported
+    hf_activelr)."""
+    from transformers.training_args import OptimizerNames
+
+    _patch_names(sys.modules[_TRAINING_ARGS])
+    try:
+        return OptimizerNames(value)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not a registered optimizer name; if it was registered with "
+            "hf_activelr.register(...) in the run that saved it, register it before "
+            "loading") from None
+
+
+class _PickledName:
+    """A registered ``OptimizerNames`` member's ``__reduce_ex__``: :func:`optimizer_name`."""
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __call__(self, protocol):
+        return optimizer_name, (self.value,)
 
 
 def optimizer_kwargs(args, options: dict[str, str]) -> tuple[type, dict]:

@@ -5,14 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from . import rule
+from . import loading, rule
 from ._validation import EPOCH, check_period, check_significance_reachable
 from .config import OPTION_NAMES, ActiveConfig
-
-# Group settings added after the first release, with the values that reproduce the rule a
-# state saved without them ran (the paper's additive increase, gains from 1).
-PRE_OPTION_DEFAULTS = {"gain_increase": "additive", "gain_init": 1.0, "grad_sum_dtype": None,
-                       "significance": None, "gain_dtype": None, "pooled": None}
 
 
 class _StatsCache:
@@ -80,12 +75,15 @@ class ActiveMixin:
 
     def _begin_step(self, closure):
         """What every step starts with: the period must be set; the closure's loss (with
-        gradients enabled, as torch's optimizers run it)."""
+        gradients enabled, as torch's optimizers run it); every gradient usable (a step
+        refused changes nothing: no group has moved, no clock ticked)."""
         self._check_period_set()
-        if closure is None:
-            return None
-        with torch.enable_grad():
-            return closure()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        return loss
 
     def _check_period_set(self) -> None:
         for group in self.param_groups:
@@ -96,6 +94,17 @@ class ActiveMixin:
                     "after `import hf_activelr`; in a custom loop call "
                     "optimizer.set_period(len(train_dataloader)) or pass period=N"
                 )
+
+    def _check_grads(self) -> None:
+        """Refuse a step any of whose gradients the step cannot take, before any group moves."""
+        for index, group in enumerate(self.param_groups):
+            for param in group["params"]:
+                if param.grad is not None and param.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients (param group "
+                        f"{index}; e.g. nn.Embedding(sparse=True)); use dense gradients: "
+                        "nothing was updated"
+                    )
 
     def _active_states(self, group: dict) -> list[dict]:
         return [self.state[p] for p in group["params"] if "gain" in self.state.get(p, {})]
@@ -149,7 +158,17 @@ class ActiveMixin:
         two passes over the gains (exact min, max and mean; the median from a histogram, see
         :data:`rule.HIST_BINS`): calling this at every logging step costs nothing in
         between.
+
+        Under FSDP2 (gains held as sharded DTensors across ranks) the figures are the whole
+        model's, computed by :func:`hf_activelr.optim.distributed.gain_stats`: a collective,
+        to be called on every rank.
         """
+        from . import distributed  # it imports this module
+
+        if distributed.has_sharded_gains(self):
+            # FSDP2: this rank holds a shard of each gain. The whole model's figures, not the
+            # shard's: a collective (call it on every rank), as distributed.gain_stats.
+            return distributed.gain_stats(self)
         cache = self._stats_cache()
         cache.tracking = True
         result = []
@@ -170,102 +189,24 @@ class ActiveMixin:
     _base_state_keys: frozenset | None = None  # None: any (the wrapper's inner optimizer)
 
     def _validate_state_dict(self, state_dict) -> None:
-        """Refuse a state dict that does not fit, before anything is loaded: nothing is lost."""
-        name = type(self).__name__
-        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
-            raise ValueError(
-                f"not an optimizer state dict (expected keys 'state' and 'param_groups'), got "
-                f"{type(state_dict).__name__}" + (f" with keys {sorted(state_dict)[:8]}"
-                                                   if isinstance(state_dict, dict) else "")
-            )
-        groups, states = state_dict["param_groups"], state_dict["state"]
-        if not isinstance(states, dict) or not all(isinstance(s, dict) for s in states.values()):
-            got = type(states).__name__
-            if isinstance(states, dict):
-                got = f"a dict with {sorted({type(s).__name__ for s in states.values()})} values"
-            raise ValueError(
-                f"{name}: state_dict['state'] must map parameter ids to dicts of state tensors, "
-                f"got {got}: not an optimizer state dict"
-            )
-        if not isinstance(groups, (list, tuple)) or not all(
-            isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in groups
-        ):
-            raise ValueError(
-                f"{name}: state_dict['param_groups'] must be a list of dicts, each with a "
-                "'params' list: not an optimizer state dict"
-            )
-        if len(groups) != len(self.param_groups) or any(
-            len(saved["params"]) != len(group["params"])
-            for saved, group in zip(groups, self.param_groups)
-        ):
-            raise ValueError(
-                f"{name}: the state dict has {len(groups)} param groups of sizes "
-                f"{[len(g['params']) for g in groups]}, this optimizer "
-                f"{[len(g['params']) for g in self.param_groups]}: it belongs to another model"
-            )
-        for index, (saved, group) in enumerate(zip(groups, self.param_groups)):
-            self._validate_saved_group(index, saved, group)
-        allowed = None
-        if self._base_state_keys is not None:
-            allowed = self._base_state_keys | set(rule.ACTIVE_STATE_KEYS)
-        for saved, group in zip(groups, self.param_groups):
-            for saved_id, param in zip(saved["params"], group["params"]):
-                state = state_dict["state"].get(saved_id, {})
-                if allowed is not None and not set(state) <= allowed:
-                    raise ValueError(
-                        f"{name}: the state of parameter {saved_id} has keys "
-                        f"{sorted(set(state) - allowed)} that {name} does not keep (it keeps "
-                        f"{sorted(allowed)}): the state was saved by another optimizer"
-                    )
-                for key, value in state.items():
-                    if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
-                        raise ValueError(
-                            f"{name}: state[{key!r}] of parameter {saved_id} has shape "
-                            f"{tuple(value.shape)}, the parameter {tuple(param.shape)}: the "
-                            "state belongs to another model"
-                        )
-                for key in rule.ACTIVE_STATE_KEYS:
-                    value = state.get(key)
-                    if value is not None and not (
-                        torch.is_tensor(value) and value.shape == param.shape
-                        and (key == "prev_sign" or value.is_floating_point())
-                    ):
-                        described = (f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-                                     if torch.is_tensor(value) else type(value).__name__)
-                        raise ValueError(
-                            f"{name}: state[{key!r}] of parameter {saved_id} is {described}, "
-                            f"expected a {'' if key == 'prev_sign' else 'floating-point '}"
-                            f"tensor of the parameter's shape {tuple(param.shape)}"
-                        )
+        """Refuse a state dict that does not fit, before anything is loaded: nothing is lost
+        (:func:`loading.validate`)."""
+        loading.validate(self, state_dict, base_keys=self._base_state_keys,
+                         base_kinds=self._base_state_kinds, group_checks=self._group_checks(),
+                         group_keys=self._group_keys())
 
-    @staticmethod
-    def _merged_group(saved: dict, current: dict) -> dict:
-        """The group a load makes of ``saved`` (see ``_restore_active_state``): its values,
-        the rule an older state ran where it predates an option, this group's for the rest."""
-        merged = {key: value for key, value in saved.items() if key != "params"}
-        if "lr_high" in merged:
-            for key, value in PRE_OPTION_DEFAULTS.items():
-                merged.setdefault(key, value)
-        for key, value in current.items():
-            if key not in ("active_step", "gain_changes"):
-                merged.setdefault(key, value)
-        merged["params"] = current["params"]
-        return merged
+    def _base_state_kinds(self, group: dict) -> dict | None:
+        """``{key: kind}`` of the base state a parameter of ``group`` needs (None: unknown)."""
+        return None
 
-    def _validate_saved_group(self, index: int, saved: dict, group: dict) -> None:
-        """The loaded group's values pass the checks a new group passes (ActiveLR options and
-        the variant's own), before anything is replaced."""
-        merged = self._merged_group(saved, group)
-        try:
-            ActiveConfig.from_options({key: merged[key] for key in OPTION_NAMES})
-            check = getattr(self, "_check_group", None)
-            if check is not None:
-                check(merged)
-        except (TypeError, ValueError) as error:
-            raise ValueError(
-                f"{type(self).__name__}: param group {index} of the state dict is refused: "
-                f"{error}"
-            ) from None
+    def _group_checks(self) -> tuple:
+        """Checks a loaded group passes besides the ActiveLR options'."""
+        check = getattr(self, "_check_group", None)
+        return () if check is None else (check,)
+
+    def _group_keys(self) -> tuple:
+        """Settings every saved group must hold."""
+        return ()
 
     def _kept_dtypes(self, param, group) -> dict:
         """``{state key: dtype}`` of the base state this optimizer keeps for ``param``
@@ -276,6 +217,10 @@ class ActiveMixin:
         """Finish a ``load_state_dict``: gains and sums keep their own dtype (torch would cast
         a bf16 parameter's float32 gains to bf16); groups saved by a plain optimizer get this
         optimizer's ActiveLR settings and start with gains at 1."""
+        for group, previous in zip(self.param_groups, previous_groups):
+            merged = loading.merged_group(group, previous)  # the values validate() checked
+            merged.pop("params")
+            group.update(merged)
         id_to_param = {
             saved_id: param
             for saved, group in zip(state_dict["param_groups"], self.param_groups)
@@ -297,14 +242,7 @@ class ActiveMixin:
                 if torch.is_tensor(saved) and self.state[param][key].dtype != dtype:
                     self.state[param][key] = saved.to(device=param.device, dtype=dtype,
                                                       copy=True)
-        for group, previous in zip(self.param_groups, previous_groups):
-            if "lr_high" in group:
-                # Saved by an Active optimizer from before these options: the rule it ran.
-                for key, value in PRE_OPTION_DEFAULTS.items():
-                    group.setdefault(key, value)
-            for key, value in previous.items():
-                if key not in ("active_step", "gain_changes"):  # a plain group restarts the clock
-                    group.setdefault(key, value)
+        for group in self.param_groups:
             self._init_active_group(group)
             # The storage of sums and gains follows the group's setting (a state saved under
             # the other setting converts: bf16 -> fp32 is exact; fp32 -> bf16 keeps every

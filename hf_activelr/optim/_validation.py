@@ -79,11 +79,11 @@ def check_significance_reachable(significance, period: int) -> None:
     """A sum of ``n`` gradients is at most ``sqrt(n)`` times the root of their summed squares
     (Cauchy-Schwarz), so ``significance=z`` can only be met when ``period > z ** 2``; a smaller
     period would silently freeze every gain."""
-    if period <= significance**2:
+    if math.sqrt(period) <= significance:  # period <= z**2, without overflow
         raise ValueError(
             f"significance={significance} needs period > significance**2 = "
-            f"{significance**2:g} (a sum of n gradients is at most sqrt(n) times the root of "
-            f"their squares), got period={period}: use a longer period or a smaller "
+            f"{float(significance)**2:g} (a sum of n gradients is at most sqrt(n) times the "
+            f"root of their squares), got period={period}: use a longer period or a smaller "
             "significance"
         )
 

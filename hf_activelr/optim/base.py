@@ -13,13 +13,14 @@ It validates and holds state, keeps the period clock, and runs the ActiveLR rule
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import defaultdict
 
 import torch
 from torch.optim import Optimizer
 
-from . import rule
+from . import loading, rule
 from ._fused import fused_boundary, fused_chunks, fused_step
 from ._mixin import ActiveMixin
 from ._validation import check_bool
@@ -250,10 +251,41 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
                 raise _FusedFailure(error, list(range(index, len(params)))) from error
 
     def load_state_dict(self, state_dict) -> None:
+        """torch's load, after one validation of the whole state (:mod:`.loading`); a load
+        that is refused, or fails anyway, leaves the optimizer as it was."""
         self._validate_state_dict(state_dict)
         previous = [dict(group) for group in self.param_groups]
-        super().load_state_dict(state_dict)
-        self._restore_active_state(state_dict, previous)
+        with loading.all_or_nothing(self):
+            super().load_state_dict(state_dict)
+            self._restore_active_state(state_dict, previous)
+
+    def _base_state_kinds(self, group: dict) -> dict | None:
+        """What ``_init_base_state`` makes (on the meta device: no memory); variants whose
+        base state is created lazily (SGD's momentum buffer) may keep or lack each key."""
+        if self._base_state_key is None:
+            return {key: loading.OPTIONAL_PER_ELEMENT for key in self._base_state_keys or ()}
+        template: dict = {}
+        self._init_base_state(torch.empty(2, device="meta"), template, group)
+        return loading.template_kinds(template)
+
+    def _group_checks(self) -> tuple:
+        return (self._check_group, _check_paths)
+
+    def _group_keys(self) -> tuple:
+        """The variant's own settings, its constructor's (lr, betas, amsgrad...): a group
+        saved without one was saved by another optimizer (torch's RAdam has no ``amsgrad``)."""
+        parameters = inspect.signature(type(self)).parameters.values()
+        return tuple(p.name for p in parameters
+                     if p.kind is p.POSITIONAL_OR_KEYWORD and p.name in self.defaults)
+
+
+def _check_paths(group: dict) -> None:
+    """``foreach`` and ``fused``: None or a bool each, not both True (as the constructor)."""
+    for name in ("foreach", "fused"):
+        if group.get(name) is not None:
+            check_bool(name, group[name])
+    if group.get("fused") and group.get("foreach"):
+        raise ValueError("fused=True and foreach=True are exclusive: pick one path")
 
 
 class _FusedFailure(Exception):

@@ -27,6 +27,18 @@ from ._validation import (
     check_significance_reachable,
 )
 
+#: The range of a gain and of the factors that move it: six decades either side of the
+#: learning rate the user chose. A gain outside it is a learning rate off by more than that
+#: (set ``lr`` instead), and values near float32's limits turn gains into 0 or inf within a
+#: period (``gain_init=1e-320`` is 0 in float32, ``lr_high=1e308`` is inf): NaN parameters.
+#: Nothing published comes near (the paper: lr_high 2.0, lr_low 0.5; the presets: gains
+#: within [1/16, 30]).
+GAIN_LIMITS = (1e-6, 1e6)
+#: The largest z of a test (``significance``, ``pooled``): a normal tail beyond 100 standard
+#: deviations is about 1e-2174, no test at all; and ``significance=z`` needs a period of more
+#: than z**2 steps.
+Z_MAX = 100.0
+
 
 def _option(default, kind, help_text: str):
     """A field with the type its ``key=value`` string parses to and its help."""
@@ -46,29 +58,29 @@ class ActiveConfig:
     lr_high: float = _option(
         None, float,
         "where a period's sum keeps its sign the gain grows: `gain += lr_high` (additive) or "
-        "`gain *= 1 + lr_high` (multiplicative); >= 0")
+        "`gain *= 1 + lr_high` (multiplicative); in [0, 1e6]")
     lr_low: float = _option(
-        None, float, "where it flips sign the gain shrinks: `gain *= lr_low`; in (0, 1]")
+        None, float, "where it flips sign the gain shrinks: `gain *= lr_low`; in [1e-6, 1]")
     period: int | str = _option(
         None, int,
         "optimizer steps between gain updates, or 'epoch' (one epoch, set by the Trainer at "
         "train start, as in the paper)")
     gain_min: float | None = _option(
-        None, float, "lower bound of the gains, in (0, 1]; None: unbounded (the paper)")
+        None, float, "lower bound of the gains, in [1e-6, 1]; None: unbounded (the paper)")
     gain_max: float | None = _option(
-        None, float, "upper bound of the gains, >= 1; None: unbounded (the paper)")
+        None, float, "upper bound of the gains, in [1, 1e6]; None: unbounded (the paper)")
     gain_increase: str = _option(
         "additive", str, f"how a kept sign grows the gain: one of {GAIN_INCREASES}")
     gain_init: float = _option(
-        1.0, float, "the gains' starting value, > 0, within [gain_min, gain_max]")
+        1.0, float, "the gains' starting value, in [1e-6, 1e6] and within [gain_min, gain_max]")
     significance: float | None = _option(
         None, float,
-        "z > 0: a period's sign counts only where |sum g| > z * sqrt(sum g^2) (else the gain "
-        "holds); needs period > z**2; None: every sign counts (the paper)")
+        "z in (0, 100]: a period's sign counts only where |sum g| > z * sqrt(sum g^2) (else "
+        "the gain holds); needs period > z**2; None: every sign counts (the paper)")
     pooled: float | None = _option(
         None, float,
-        "z > 0: a tensor-wide sign test at each boundary: where the tensor's elements whose "
-        "counted sign agrees with their previous one outnumber those whose sign flipped by "
+        "z in (0, 100]: a tensor-wide sign test at each boundary: where the tensor's elements "
+        "whose counted sign agrees with their previous one outnumber those whose sign flipped by "
         "more than z * sqrt(both), every gain of the tensor grows by 1 + lr_high; where flips "
         "outnumber agreements by as much, every gain shrinks by lr_low (each element's own "
         "change applies too); needs gain_increase='multiplicative'; None: off")
@@ -93,26 +105,27 @@ class ActiveConfig:
                     f"missing ActiveLR option {name!r}: give it, or use a preset "
                     "(hf_activelr.preset_kwargs), or a class with the paper's values"
                 )
-        check_real("lr_high", self.lr_high, low=0.0)
-        check_real("lr_low", self.lr_low, low=0.0, high=1.0, low_open=True)
+        low, high = GAIN_LIMITS
+        check_real("lr_high", self.lr_high, low=0.0, high=high)
+        check_real("lr_low", self.lr_low, low=low, high=1.0)
         period = check_period(self.period)
         if self.gain_min is not None:
-            check_real("gain_min", self.gain_min, low=0.0, high=1.0, low_open=True)
+            check_real("gain_min", self.gain_min, low=low, high=1.0)
         if self.gain_max is not None:
-            check_real("gain_max", self.gain_max, low=1.0)
+            check_real("gain_max", self.gain_max, low=1.0, high=high)
         if self.zero_sum not in ZERO_SUM_POLICIES:
             raise ValueError(
                 f"zero_sum must be one of {ZERO_SUM_POLICIES}, got {self.zero_sum!r}")
         if self.gain_increase not in GAIN_INCREASES:
             raise ValueError(
                 f"gain_increase must be one of {GAIN_INCREASES}, got {self.gain_increase!r}")
-        check_real("gain_init", self.gain_init, low=0.0, low_open=True)
+        check_real("gain_init", self.gain_init, low=low, high=high)
         if self.significance is not None:
-            check_real("significance", self.significance, low=0.0, low_open=True)
+            check_real("significance", self.significance, low=0.0, low_open=True, high=Z_MAX)
             if period != EPOCH:
                 check_significance_reachable(self.significance, period)
         if self.pooled is not None:
-            check_real("pooled", self.pooled, low=0.0, low_open=True)
+            check_real("pooled", self.pooled, low=0.0, low_open=True, high=Z_MAX)
             if self.gain_increase != "multiplicative":
                 raise ValueError(
                     "pooled needs gain_increase='multiplicative' (a tensor's gains are scaled "

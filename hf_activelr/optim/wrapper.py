@@ -38,13 +38,14 @@ above, but not the 2x once hoped for, which no two-pass design reaches.
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 
 import torch
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import _fused, rule
+from . import _fused, loading, rule
 from ._mixin import ActiveMixin
 from ._validation import check_bool
 from .base import ActiveOptimizer, _group_by_device_and_dtype
@@ -74,6 +75,7 @@ class ActiveLR(ActiveMixin, Optimizer):
             )
         if isinstance(optimizer, ActiveMixin):
             raise TypeError(f"{type(optimizer).__name__} is already Active; do not wrap it again")
+        _check_wrappable(optimizer)
         if config is not None and not isinstance(config, ActiveConfig):
             raise TypeError(f"config must be an ActiveConfig, got {type(config).__name__}")
         if fused is not None:
@@ -82,7 +84,16 @@ class ActiveLR(ActiveMixin, Optimizer):
         active = ActiveConfig.from_options(options, base).group_values()
         self.optimizer = optimizer
         self._fused_option = fused
-        super().__init__(optimizer.param_groups, {**optimizer.defaults, **active})
+        kept = [dict(group) for group in optimizer.param_groups]
+        try:
+            super().__init__(optimizer.param_groups, {**optimizer.defaults, **active})
+        except BaseException:
+            # Refused (e.g. complex parameters): the wrapped optimizer's groups as they were.
+            for group, values in zip(optimizer.param_groups, kept):
+                group.clear()
+                group.update(values)
+            raise
+        optimizer.__dict__[_WRAPPED] = True
         # One list of group dicts for both: schedulers and add_param_group see the same groups.
         self.param_groups = optimizer.param_groups
 
@@ -115,6 +126,7 @@ class ActiveLR(ActiveMixin, Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.param_groups = self.optimizer.param_groups
+        self.optimizer.__dict__[_WRAPPED] = True
 
     def __repr__(self) -> str:
         group = self.param_groups[0] if self.param_groups else {}
@@ -170,8 +182,6 @@ class ActiveLR(ActiveMixin, Optimizer):
         moved = []  # per group: the parameters whose step the gains change, where they stood
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("ActiveLR does not support sparse gradients; use dense ones")
             states = []
             for param in params:
                 state = self.state[param]
@@ -272,16 +282,71 @@ class ActiveLR(ActiveMixin, Optimizer):
         return merged
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """The wrapped optimizer's load and the gains', after one validation of the whole
+        state (:mod:`.loading`); a load that is refused, or fails anyway (the wrapped
+        optimizer's own checks), leaves both as they were."""
         self._validate_state_dict(state_dict)
         previous = [dict(group) for group in self.param_groups]
         base_state = {
             index: {k: v for k, v in state.items() if k not in rule.ACTIVE_STATE_KEYS}
             for index, state in state_dict["state"].items()
         }
-        self.optimizer.load_state_dict({**state_dict, "state": base_state})
-        self.param_groups = self.optimizer.param_groups
-        self.state = defaultdict(dict)
-        self._restore_active_state(state_dict, previous)
+        with loading.all_or_nothing(self, self.optimizer):
+            try:
+                self.optimizer.load_state_dict({**state_dict, "state": base_state})
+            except (KeyError, TypeError, ValueError, RuntimeError) as error:
+                raise ValueError(
+                    f"ActiveLR: the wrapped {type(self.optimizer).__name__} refused the state "
+                    f"({type(error).__name__}: {error}): it was saved by another optimizer "
+                    "or is damaged") from error
+            self.param_groups = self.optimizer.param_groups
+            self.state = defaultdict(dict)
+            self._restore_active_state(state_dict, previous)
+
+    def _base_state_kinds(self, group: dict) -> dict | None:
+        """What the wrapped optimizer keeps per parameter, probed (:mod:`.loading`)."""
+        return loading.probe_state_kinds(type(self.optimizer), group, self.optimizer.defaults)
+
+    def _group_checks(self) -> tuple:
+        """A loaded group's values must let the wrapped optimizer step (torch's own load
+        takes any value: ``foreach=<a tensor>`` fails only at the next step). Probed where the
+        wrapped optimizer can be probed with its own defaults."""
+        cls, defaults = type(self.optimizer), self.optimizer.defaults
+        if loading.probe_state_kinds(cls, defaults, defaults) is None:
+            return ()
+
+        def steps(group):
+            try:
+                loading.probe(cls, group, defaults)
+            except Exception as error:  # noqa: BLE001 - whatever it raises, it cannot step
+                raise ValueError(f"the wrapped {cls.__name__} cannot step with its values "
+                                 f"({type(error).__name__}: {error})") from None
+
+        return (steps,)
+
+
+def _check_wrappable(optimizer: Optimizer) -> None:
+    """Refuse what the wrapper cannot honour, before it touches ``optimizer``: a step that
+    needs a closure (LBFGS re-evaluates the loss inside its step, so the wrapper would have
+    summed gradients of another point than the one it steps from), and an optimizer another
+    ActiveLR already wraps (its groups hold that wrapper's settings: a second wrapper would
+    silently keep its settings, or change the first one's). Per-group ActiveLR options in the
+    optimizer's own groups are fine: that is how groups get their own settings."""
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TypeError(
+            f"ActiveLR cannot wrap {type(optimizer).__name__}: its step needs a closure (it "
+            "evaluates the loss several times per step), and ActiveLR scales one step's "
+            "displacement by gains from the gradient it was given")
+    if optimizer.__dict__.get(_WRAPPED):
+        raise ValueError(
+            f"this {type(optimizer).__name__} is already wrapped by an ActiveLR (its param "
+            "groups hold that wrapper's settings, which a second wrapper would silently keep): "
+            "use that wrapper, or wrap a fresh optimizer")
+
+
+#: Set on an optimizer once an ActiveLR wraps it (see _check_wrappable).
+_WRAPPED = "_wrapped_by_activelr"
 
 
 def _before_eager(params, grads, sums, squares, copies) -> None:

@@ -108,6 +108,8 @@ def main():
     record["uninterrupted"] = snapshot(model, optimizer)
     record["reference"] = snapshot(reference, reference_optimizer)
     record["gain_stats"] = gain_stats(optimizer)
+    # The method itself gives the whole model's figures too (a collective on every rank).
+    record["method_gain_stats"] = optimizer.gain_stats()
     record["reference_gain_stats"] = reference_optimizer.gain_stats()
     names = {id(p): n for n, p in model.named_parameters()}
     record["group_names"] = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
