@@ -24,6 +24,7 @@ import time
 import torch
 
 from hf_activelr.optim import presets, rule
+from hf_activelr.optim import stats as gain_statistics
 from hf_activelr.optim._fused import fused_boundary
 
 try:
@@ -76,7 +77,7 @@ def main(argv=None) -> None:
     states, group = make_states(shapes, args.lean, generator, args.pooled)
 
     def boundary(code, with_stats: bool):
-        stats = rule.GainStats(torch.device("cpu")) if with_stats else None
+        stats = gain_statistics.GainStats(torch.device("cpu")) if with_stats else None
         counts = rule.end_period(states, group, code, stats)
         return counts, stats
 
@@ -108,12 +109,12 @@ def main(argv=None) -> None:
         counts, stats = boundary(fused_boundary, True)
         step = timed(peer.step)
         ratios["gain_stats() after a boundary"].append(timed(
-            lambda counts=counts, stats=stats: rule.gain_summary(None, counts,
+            lambda counts=counts, stats=stats: gain_statistics.gain_summary(None, counts,
                                                                  group["gain_init"], stats))
             / step)
         step = timed(peer.step)
         ratios["statistics from the gains (after a load)"].append(timed(
-            lambda counts=counts: rule.gain_summary([s["gain"] for s in states], counts,
+            lambda counts=counts: gain_statistics.gain_summary([s["gain"] for s in states], counts,
                                                     group["gain_init"]))
             / step)
     elements = sum(p.numel() for p in params)

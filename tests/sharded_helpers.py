@@ -26,8 +26,8 @@ FSDP_CONFIG = {
     "reshard_after_forward": True,
 }
 STATS = ("min", "median", "mean", "max", "grew", "shrank")
-# a histogram median (rule.HIST_BINS): its bin's mean or middle, within a bin of the exact one
-MEDIAN_REL = 2 ** (1 / 128) - 1  # within a bin (rule.HIST_BINS_PER_OCTAVE)
+# a histogram median (stats.HIST_BINS): its bin's mean or middle, within a bin of the exact one
+MEDIAN_REL = 2 ** (1 / 128) - 1  # within a bin (stats.HIST_BINS_PER_OCTAVE)
 
 
 def torchrun() -> list[str]:

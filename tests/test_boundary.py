@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hf_activelr.optim import rule
+from hf_activelr.optim import stats as gain_statistics
 from hf_activelr.optim._fused import fused_boundary
 
 OPTIONS = [
@@ -78,14 +79,14 @@ def test_statistics_kept_by_the_boundary_equal_a_direct_computation(option, grad
                                                                     gain_dtype):
     # a first boundary finds the median's bin; the same boundary again, told that bin, sums
     # its gains (as the optimizer does from one period to the next)
-    probe = rule.GainStats(torch.device("cpu"))
+    probe = gain_statistics.GainStats(torch.device("cpu"))
     rule.end_period(_states(option, grad_sum_dtype=grad_sum_dtype, gain_dtype=gain_dtype),
                     _group(option), stats=probe)
     probe.median()
     states = _states(option, grad_sum_dtype=grad_sum_dtype, gain_dtype=gain_dtype)
-    stats = rule.GainStats(torch.device("cpu"), (probe.find_median_bin(), 0, 1))
+    stats = gain_statistics.GainStats(torch.device("cpu"), (probe.find_median_bin(), 0, 1))
     counts = rule.end_period(states, _group(option), stats=stats)
-    summary = rule.gain_summary(None, counts, option["gain_init"], stats)
+    summary = gain_statistics.gain_summary(None, counts, option["gain_init"], stats)
     gains = torch.cat([rule.decode_gain(s["gain"]).flatten() for s in states]).double()
     gains *= option["gain_init"]
     assert summary["elements"] == gains.numel() == counts["elements"]
@@ -96,12 +97,12 @@ def test_statistics_kept_by_the_boundary_equal_a_direct_computation(option, grad
     # without the bin's sum, the bin's middle
     exact = gains.median().item()
     assert summary["median"] == pytest.approx(exact, rel=1e-12)
-    middle = rule.gain_summary(None, counts, option["gain_init"], probe)["median"]
-    assert middle == pytest.approx(exact, rel=2 ** (0.5 / rule.HIST_BINS_PER_OCTAVE) - 1)
+    middle = gain_statistics.gain_summary(None, counts, option["gain_init"], probe)["median"]
+    assert middle == pytest.approx(exact, rel=2 ** (0.5 / gain_statistics.HIST_BINS_PER_OCTAVE) - 1)
     assert middle != pytest.approx(exact, rel=1e-12)
     assert counts["nonfinite"] == 6  # NaN, +inf, -inf in each of the two tensors
     # the same figures from the gains alone (after a load: no boundary statistics)
-    again = rule.gain_summary([s["gain"] for s in states], counts, option["gain_init"])
+    again = gain_statistics.gain_summary([s["gain"] for s in states], counts, option["gain_init"])
     assert again == pytest.approx(summary, rel=1e-12)
 
 
@@ -114,11 +115,11 @@ def test_median_of_continuous_gains_is_within_a_bin(dtype):
     gains = torch.exp(torch.randn(100_001, generator=generator, dtype=torch.float64) * 2)
     gains = gains.to(dtype)
     exact = gains.median().item()
-    one_bin = 2 ** (1 / rule.HIST_BINS_PER_OCTAVE)
-    summary = rule.gain_summary([gains], None)
+    one_bin = 2 ** (1 / gain_statistics.HIST_BINS_PER_OCTAVE)
+    summary = gain_statistics.gain_summary([gains], None)
     assert exact / one_bin <= summary["median"] <= exact * one_bin
     assert summary["min"] == gains.min().item() and summary["max"] == gains.max().item()
-    stats = rule.GainStats(torch.device("cpu"))
+    stats = gain_statistics.GainStats(torch.device("cpu"))
     stats.add_gains(gains)
     assert exact / one_bin**0.5 <= stats.median() <= exact * one_bin**0.5
 
@@ -128,20 +129,20 @@ def test_median_from_gains_is_exact_on_a_lattice():
     a second pass sums the median's bin."""
     generator = torch.Generator().manual_seed(5)
     gains = 0.3 * 1.5 ** torch.randint(-6, 7, (10_001,), generator=generator).float()
-    assert rule.gain_summary([gains], None)["median"] == gains.median().item()
+    assert gain_statistics.gain_summary([gains], None)["median"] == gains.median().item()
 
 
 def test_a_wrong_guess_of_the_median_bin_is_harmless():
     """The boundary sums the gains of the last median's bins; if the median moved to another
     bin, the figure is that bin's middle (within half a bin), never a wrong bin's mean."""
     states = _states(OPTIONS[1])
-    one = int(rule.histogram_bin(torch.tensor([1.0])))
-    stats = rule.GainStats(torch.device("cpu"), (one + 300, one + 301, one + 302))
+    one = int(gain_statistics.histogram_bin(torch.tensor([1.0])))
+    stats = gain_statistics.GainStats(torch.device("cpu"), (one + 300, one + 301, one + 302))
     counts = rule.end_period(states, _group(OPTIONS[1]), stats=stats)
     gains = torch.cat([rule.decode_gain(s["gain"]).flatten() for s in states]).double() * 0.3
-    median = rule.gain_summary(None, counts, 0.3, stats)["median"]
+    median = gain_statistics.gain_summary(None, counts, 0.3, stats)["median"]
     assert median == pytest.approx(gains.median().item(),
-                                   rel=2 ** (0.5 / rule.HIST_BINS_PER_OCTAVE) - 1)
+                                   rel=2 ** (0.5 / gain_statistics.HIST_BINS_PER_OCTAVE) - 1)
     assert stats.find_median_bin() not in stats.guess
 
 
@@ -174,7 +175,7 @@ def test_median_bins_cover_the_whole_float32_range():
     tiny = torch.finfo(torch.float32).tiny
     for values in ([tiny, tiny, 1e30], [1e-30, 3.0, 1e30], [0.3, 0.3, 2.0**100]):
         gains = torch.tensor(values)
-        summary = rule.gain_summary([gains], None)
+        summary = gain_statistics.gain_summary([gains], None)
         assert summary["median"] == pytest.approx(gains.median().item(), rel=2**-8)
         assert summary["min"] == gains.min().item() and summary["max"] == gains.max().item()
 
@@ -186,17 +187,17 @@ def test_compiled_boundary_equals_the_eager_one(option, grad_sum_dtype, gain_dty
     eager = _states(option, grad_sum_dtype=grad_sum_dtype, seed=4, gain_dtype=gain_dtype)
     fused = _clone(eager)
     # told a bin to sum (the one of 1.5, on the test's lattice), as from the second period on
-    bins = tuple(int(b) for b in rule.histogram_bin(torch.tensor([1.5, 1.0, 2.25])))
-    eager_stats = rule.GainStats(torch.device("cpu"), bins)
-    fused_stats = rule.GainStats(torch.device("cpu"), bins)
+    bins = tuple(int(b) for b in gain_statistics.histogram_bin(torch.tensor([1.5, 1.0, 2.25])))
+    eager_stats = gain_statistics.GainStats(torch.device("cpu"), bins)
+    fused_stats = gain_statistics.GainStats(torch.device("cpu"), bins)
     eager_counts = rule.end_period(eager, _group(option), stats=eager_stats)
     fused_counts = rule.end_period(fused, _group(option), fused_boundary, fused_stats)
     assert eager_counts == fused_counts
     for a, b in zip(eager, fused):
         for key in a:
             assert torch.equal(a[key], b[key]), key
-    assert rule.gain_summary(None, eager_counts, 1.0, eager_stats) == pytest.approx(
-        rule.gain_summary(None, fused_counts, 1.0, fused_stats), rel=1e-12)
+    assert gain_statistics.gain_summary(None, eager_counts, 1.0, eager_stats) == pytest.approx(
+        gain_statistics.gain_summary(None, fused_counts, 1.0, fused_stats), rel=1e-12)
     assert torch.equal(eager_stats.guess_count, fused_stats.guess_count)
     assert (eager_stats.guess_count > 0).all()
     torch.testing.assert_close(eager_stats.guess_sum, fused_stats.guess_sum, rtol=1e-12, atol=0)
@@ -209,8 +210,8 @@ def test_gain_stats_after_a_boundary_read_no_gain(monkeypatch):
     from hf_activelr import ActiveAdamW
 
     reads = []
-    original = rule.GainStats.add_gains
-    monkeypatch.setattr(rule.GainStats, "add_gains",
+    original = gain_statistics.GainStats.add_gains
+    monkeypatch.setattr(gain_statistics.GainStats, "add_gains",
                         lambda self, gain: (reads.append(gain.numel()), original(self, gain)))
     params = [torch.nn.Parameter(torch.randn(40, 3)), torch.nn.Parameter(torch.randn(7))]
     optimizer = ActiveAdamW(params, lr=1e-2, period=2)
@@ -264,3 +265,23 @@ def test_pooled_factor_is_a_sign_test_on_agreements_and_flips():
     assert factor(55, 45) == 1.0 and factor(0, 0) == 1.0
     # the margin: 2 * sqrt(100) = 20
     assert factor(60, 40) == 1.0 and factor(61, 39) == 1.5
+
+
+@pytest.mark.parametrize("gain_dtype", [None, "bfloat16"])
+def test_at_bounds_counts_gains_held_by_a_bound_and_no_other(gain_dtype):
+    """The one definition of "at a bound" (stats.at_bounds), for float32 and bfloat16 gains:
+    gains the rule clamped count, gains one step inside do not."""
+    from hf_activelr import ActiveAdamW
+
+    param = torch.nn.Parameter(torch.zeros(4))
+    opt = ActiveAdamW([param], lr=1e-3, period=1, lr_high=0.5, lr_low=1 / 1.5,
+                      gain_increase="multiplicative", gain_init=10**-0.5, gain_min=0.03,
+                      gain_max=30.0, gain_dtype=gain_dtype)
+    for _ in range(40):  # elements 0-1 keep their sign (to gain_max), 2-3 flip (to gain_min)
+        param.grad = torch.tensor([1.0, 1.0, 1.0, -1.0]) * torch.tensor(
+            [1.0, 1.0, (-1.0) ** _, (-1.0) ** _])
+        opt.step()
+    group, gain = opt.param_groups[0], opt.state[param]["gain"]
+    assert gain_statistics.at_bounds(gain, group) == (2, 2)
+    inside = {**group, "gain_max": 30.0 * 1.5, "gain_min": 0.03 / 1.5}
+    assert gain_statistics.at_bounds(gain, inside) == (0, 0)

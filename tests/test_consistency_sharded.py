@@ -100,7 +100,7 @@ def test_sharded_gain_stats_are_the_whole_tensors(ranks):
             for key in ("min", "max"):
                 assert sharded[key] == whole[key], (entry["step"], key)
             assert sharded["mean"] == pytest.approx(whole["mean"], rel=1e-12)
-            # whole["median"] may be read from a histogram (rule.HIST_BINS): its bin's
+            # whole["median"] may be read from a histogram (stats.HIST_BINS): its bin's
             # middle, within 2 ** -8 of the exact median
             assert sharded["median"] == pytest.approx(whole["median"], rel=2**-7)
             changed = changed or whole["max"] != whole["min"]

@@ -352,3 +352,12 @@ def test_any_corrupted_load_is_exact_or_refused_whole(name, corruption):
     for step in (6, 7, 8):  # and it trains on
         _set_grads(params, step)
         opt.step()
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, 1e-40])
+def test_a_state_with_damaged_gains_is_refused(value):
+    def damage(state):
+        state["state"][0]["gain"] = state["state"][0]["gain"].clone()
+        state["state"][0]["gain"][0, 0] = value
+    _refused_then_untouched(TARGETS["ActiveAdamW"], _damaged(damage), ValueError,
+                            "non-finite or subnormal gains")

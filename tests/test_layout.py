@@ -109,3 +109,16 @@ hf_activelr.register("my_active_sgd", hf_activelr.ActiveSGD, lr_high=0.5, lr_low
 print(TrainingArguments("/tmp/unused", optim="my_active_sgd", report_to="none").optim.value)
 """
     assert _python(code) == "my_active_sgd"
+
+
+def test_no_layer_imports_another_layers_private_modules():
+    """Other layers use ``optim``'s public names (``optim.unwrap_active``,
+    ``optim.config.EPOCH``), never ``optim._mixin`` or ``optim._validation``."""
+    offenders = []
+    for layer in ("integrations", "experiments"):
+        for path in sorted((PACKAGE / layer).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level and node.module and any(
+                        part.startswith("_") for part in node.module.split(".")):
+                    offenders.append(f"{layer}/{path.name}: {node.module}")
+    assert offenders == []

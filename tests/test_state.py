@@ -383,7 +383,7 @@ def test_gain_stats_values(cls):
             if t % period == 0:
                 direct = _direct_summary(old, gains(opt, group["params"]))
                 for key, value in direct.items():
-                    # the median from the histogram: its bin's middle (rule.HIST_BINS)
+                    # the median from the histogram: its bin's middle (stats.HIST_BINS)
                     rel = 2**-8 if key == "median" else 1e-12
                     assert s[key] == pytest.approx(value, rel=rel, abs=0), (t, key)
                 if t >= 2 * period:
@@ -395,13 +395,13 @@ def test_gain_stats_values(cls):
 @all_optimizers
 def test_gain_stats_is_cached_between_boundaries(cls, monkeypatch):
     calls = []
-    original = hf_activelr.optim.rule.gain_summary
+    original = hf_activelr.optim.stats.gain_summary
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(hf_activelr.optim.rule, "gain_summary", counting)
+    monkeypatch.setattr(hf_activelr.optim.stats, "gain_summary", counting)
     params = make_params()
     opt = build(cls, params, period=3)
     for t in range(1, 4):  # up to the first boundary

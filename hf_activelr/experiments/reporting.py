@@ -17,7 +17,7 @@ _GAIN_KEY = re.compile(r"^gain/group(\d+)/(\w+)$")
 
 def describe_optimizer(optimizer) -> dict:
     """Class and hyperparameters of the (possibly Accelerate-wrapped) optimizer, per group."""
-    from ..optim._mixin import unwrap_active
+    from ..optim import unwrap_active
 
     active = unwrap_active(optimizer)
     inner = active if active is not None else getattr(optimizer, "optimizer", optimizer)
@@ -31,11 +31,34 @@ def describe_optimizer(optimizer) -> dict:
     return {"class": type(inner).__name__, "param_groups": groups}
 
 
-def build_results(trainer, metrics: dict, extra: dict | None = None) -> dict:
-    """What a run produced, in one JSON-able dict."""
-    from ..optim._mixin import unwrap_active
+def final_gain_stats(trainer) -> list[dict] | None:
+    """The whole model's gain figures at the end of a run (None without gains). Under FSDP2
+    and DeepSpeed ZeRO a collective: call it on every rank, before the main process writes
+    the results (``build_results(..., final_gain_stats=...)``)."""
+    from ..integrations.trainer import zero_partitioned
+    from ..optim import unwrap_active
+    from ..optim.distributed import gain_stats
 
     active = unwrap_active(trainer.optimizer)
+    if active is None:
+        return None
+    return gain_stats(active, partitioned=zero_partitioned(trainer)
+                      and trainer.args.world_size > 1)
+
+
+_OWN = object()  # build_results: no figures given, the optimizer's own (one process)
+
+
+def build_results(trainer, metrics: dict, extra: dict | None = None,
+                  final_gain_stats=_OWN) -> dict:
+    """What a run produced, in one JSON-able dict. ``final_gain_stats``: the figures of
+    :func:`final_gain_stats` (taken on every rank; needed under FSDP2 and ZeRO), else the
+    optimizer's own ``gain_stats()``."""
+    from ..optim import unwrap_active
+
+    active = unwrap_active(trainer.optimizer)
+    if final_gain_stats is _OWN:
+        final_gain_stats = active.gain_stats() if active is not None else None
     results = {
         "optim": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
         "optim_args": trainer.args.optim_args,
@@ -43,7 +66,7 @@ def build_results(trainer, metrics: dict, extra: dict | None = None) -> dict:
         "seed": trainer.args.seed,
         "metrics": metrics,
         "optimizer": describe_optimizer(trainer.optimizer) if trainer.optimizer else None,
-        "final_gain_stats": active.gain_stats() if active is not None else None,
+        "final_gain_stats": final_gain_stats,
         "log_history": trainer.state.log_history,
     }
     results.update(extra or {})

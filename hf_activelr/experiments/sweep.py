@@ -195,8 +195,7 @@ def gain_health(optimizer) -> dict | None:
     ``gain_max`` (each group's bounds), or None for an optimizer without gains."""
     import torch
 
-    from ..optim import rule
-    from ..optim._mixin import unwrap_active
+    from ..optim import rule, stats, unwrap_active
 
     active = unwrap_active(optimizer)
     if active is None:
@@ -209,12 +208,8 @@ def gain_health(optimizer) -> dict | None:
                 continue
             real = rule.decode_gain(packed).reshape(-1).float() * group["gain_init"]
             gains.append(real)
-            # Bounds are compared with a relative margin: the stored gain is relative to
-            # gain_init, and the product rounds.
-            if group["gain_min"] is not None:
-                at_min += int((real <= group["gain_min"] * (1 + 1e-5)).sum())
-            if group["gain_max"] is not None:
-                at_max += int((real >= group["gain_max"] * (1 - 1e-5)).sum())
+            low, high = stats.at_bounds(packed, group)
+            at_min, at_max = at_min + low, at_max + high
     if not gains:
         return None
     flat = torch.cat(gains)
@@ -252,7 +247,7 @@ def run_point(point: Point) -> dict:
     import hf_activelr  # noqa: F401  (registers the Trainer names)
 
     from ..integrations.trainer import ActiveTrainer
-    from ..optim._mixin import unwrap_active
+    from ..optim import unwrap_active
     from .sweep_tasks import get_task
 
     task = get_task(point.task)

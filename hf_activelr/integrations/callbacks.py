@@ -11,13 +11,12 @@ cannot be imported yet.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
-from ..optim._mixin import unwrap_active
-from ..optim._validation import EPOCH
+from ..optim import stats, unwrap_active
+from ..optim.config import EPOCH
 
 
 def updates_per_epoch(train_dataloader, gradient_accumulation_steps: int) -> int:
@@ -85,33 +84,20 @@ class ActivePrinterCallback(PrinterCallback):
 def gain_table(optimizer) -> str:
     """Per param group: elements, min / median / mean / max gain, and the shares of elements at
     ``gain_min`` and ``gain_max`` (a bound that holds many gains is a sign the range or the
-    learning rate is off; see README, "Failure modes")."""
-    from ..optim import rule
-
+    learning rate is off; see README, "Failure modes"): :func:`stats.gain_table`."""
     active = unwrap_active(optimizer)
     if active is None:
         return ""
-    lines = ["| group | elements | min | median | mean | max | at gain_min | at gain_max |",
-             "|---|---|---|---|---|---|---|---|"]
-    for index, (group, stats) in enumerate(zip(active.param_groups, active.gain_stats())):
-        if stats["elements"] == 0:
-            continue
+    figures = []
+    for group, row in zip(active.param_groups, active.gain_stats()):
         at_min = at_max = 0
-        for param in group["params"]:
-            gain = active.state.get(param, {}).get("gain")
-            if gain is None:
-                continue
-            decoded = rule.decode_gain(gain) * group["gain_init"]
-            if group["gain_min"] is not None:
-                at_min += int((decoded <= group["gain_min"] * (1 + 1e-6)).sum())
-            if group["gain_max"] is not None:
-                at_max += int((decoded >= group["gain_max"] * (1 - 1e-6)).sum())
-        elements = stats["elements"]
-        lines.append(
-            f"| {index} | {elements} | {stats['min']:.3g} | {stats['median']:.3g} | "
-            f"{stats['mean']:.3g} | {stats['max']:.3g} | {at_min / elements:.1%} | "
-            f"{at_max / elements:.1%} |")
-    return "\n".join(lines)
+        for state in active._active_states(group):
+            low, high = stats.at_bounds(state["gain"], group)
+            at_min, at_max = at_min + low, at_max + high
+        elements = max(row["elements"], 1)
+        figures.append({**row, "at_gain_min": at_min / elements,
+                        "at_gain_max": at_max / elements})
+    return stats.gain_table(figures)
 
 
 class GainSummaryCallback(TrainerCallback):
@@ -123,11 +109,7 @@ class GainSummaryCallback(TrainerCallback):
             print(f"ActiveLR gains at step {state.global_step}:\n{table}")
 
 
-def layer_type(name: str) -> str:
-    """A parameter's layer type: its name with block indices starred, so that the repeated
-    blocks of a transformer share one histogram (``h.3.attn.c_attn.weight`` ->
-    ``h.*.attn.c_attn.weight``)."""
-    return re.sub(r"(?<=\.)\d+(?=\.)", "*", name)
+layer_type = stats.layer_type  # the per-layer histograms' names
 
 
 class GainHistogramCallback(TrainerCallback):

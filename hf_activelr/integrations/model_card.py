@@ -25,7 +25,7 @@ from importlib import resources
 
 import torch
 
-from ..optim import rule
+from ..optim import rule, stats
 
 RUN_RECORD = "activelr_run.json"
 TASKS = {
@@ -142,9 +142,7 @@ def final_results(log_history: list[dict]) -> dict:
     return results
 
 
-def layer_type(name: str) -> str:
-    """``model.layers.3.attn.q.weight`` -> ``model.layers.*.attn.q.weight``."""
-    return re.sub(r"\.\d+(?=\.|$)", ".*", name)
+layer_type = stats.layer_type  # the card's per-layer rows
 
 
 def _fmt(value) -> str:

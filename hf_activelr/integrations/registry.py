@@ -9,12 +9,19 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
-from ..optim import ActiveAdaBelief, ActiveAdaBound, ActiveAdamW, ActiveRAdam, ActiveSGD
-from ..optim._mixin import ActiveMixin
-from ..optim.config import OPTION_TYPES, parse_value
+from ..optim import (
+    ActiveAdaBelief,
+    ActiveAdaBound,
+    ActiveAdamW,
+    ActiveMixin,
+    ActiveRAdam,
+    ActiveSGD,
+)
+from ..optim.config import OPTION_PARSERS, parse_value
 from ..optim.presets import DEFAULT_PRESET, PAPER_FALLBACK, preset_kwargs
 
 # The Active classes' path switches, whose defaults (None) do not tell their type.
@@ -36,11 +43,27 @@ class RegisteredOptimizer:
         doc = inspect.getdoc(self.optimizer_cls) or ""
         return doc.splitlines()[0] if doc else self.optimizer_cls.__name__
 
-    def accepted_options(self) -> dict[str, type]:
+    @cached_property
+    def _signature(self) -> dict:
+        """The class's parameters, read once per entry."""
+        return dict(inspect.signature(self.optimizer_cls).parameters)
+
+    @cached_property
+    def trainer_arguments(self) -> tuple[str, ...]:
+        """Which of ``betas`` and ``eps`` the class takes (the Trainer fills them from
+        TrainingArguments' adam_beta1/2 and adam_epsilon)."""
+        return tuple(name for name in ("betas", "eps") if name in self._signature)
+
+    def accepted_options(self) -> dict:
         """Keys ``optim_args`` may set (the class's keyword arguments but those the Trainer
-        fills in), with the type their string value is parsed to."""
+        fills in), with what parses their string value (a type, or an ActiveLR option's
+        parser: :data:`~hf_activelr.optim.config.OPTION_PARSERS`). Computed once per entry."""
+        return dict(self._accepted)
+
+    @cached_property
+    def _accepted(self) -> dict:
         options = {}
-        for name, parameter in inspect.signature(self.optimizer_cls).parameters.items():
+        for name, parameter in self._signature.items():
             if name in (*TRAINER_ARGUMENTS, "config") or parameter.kind in (
                 parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD
             ):
@@ -53,7 +76,7 @@ class RegisteredOptimizer:
             else:
                 options[name] = float
         if issubclass(self.optimizer_cls, ActiveMixin):
-            options.update(OPTION_TYPES)  # the ActiveLR options: ActiveConfig's
+            options.update(OPTION_PARSERS)  # the ActiveLR options: ActiveConfig's
         return options
 
 

@@ -9,7 +9,7 @@ import sys
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..optim._mixin import unwrap_active
+from ..optim import unwrap_active
 from .callbacks import (  # noqa: F401  (updates_per_epoch: public here)
     ActivePeriodCallback,
     ActivePrinterCallback,
@@ -20,7 +20,7 @@ from .callbacks import (  # noqa: F401  (updates_per_epoch: public here)
 )
 
 
-def _zero_partitioned(trainer) -> bool:
+def zero_partitioned(trainer) -> bool:
     """Whether DeepSpeed ZeRO (stage 1 or more) gave the optimizer per-rank partitions."""
     if not getattr(trainer, "is_deepspeed_enabled", False):
         return False
@@ -43,7 +43,7 @@ class _RunRecordCallback(TrainerCallback):
             # Every rank, before a bad state is kept. Sharded state (FSDP2 DTensors, FSDP1
             # flat parameters) is recognised per parameter; DeepSpeed ZeRO's flat partitions
             # are not marked, so under ZeRO only clocks and hyperparameters are compared.
-            check_consistent(self.trainer.optimizer, sharded=_zero_partitioned(self.trainer))
+            check_consistent(self.trainer.optimizer, sharded=zero_partitioned(self.trainer))
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
@@ -61,25 +61,17 @@ class _GainSummaryCallback(GainSummaryCallback):
 
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
         from ..optim.distributed import gain_stats, has_sharded_gains
+        from ..optim.stats import gain_table
 
         active = unwrap_active(optimizer)
-        partitioned = _zero_partitioned(self.trainer) and args.world_size > 1
+        partitioned = zero_partitioned(self.trainer) and args.world_size > 1
         if active is None or not (partitioned or has_sharded_gains(active)):
             return super().on_train_end(args, state, control, optimizer=optimizer, **kwargs)
-        stats = gain_stats(active, partitioned=partitioned)  # a collective: every rank
+        figures = gain_stats(active, partitioned=partitioned)  # a collective: every rank
         if not state.is_world_process_zero:
             return None
-        lines = ["| group | elements | min | median | mean | max | at gain_min | at gain_max |",
-                 "|---|---|---|---|---|---|---|---|"]
-        for index, group_stats in enumerate(stats):
-            if group_stats["elements"]:
-                lines.append(
-                    f"| {index} | {group_stats['elements']} | {group_stats['min']:.3g} | "
-                    f"{group_stats['median']:.3g} | {group_stats['mean']:.3g} | "
-                    f"{group_stats['max']:.3g} | {group_stats['at_gain_min']:.1%} | "
-                    f"{group_stats['at_gain_max']:.1%} |")
-        if len(lines) > 2:
-            table = "\n".join(lines)
+        table = gain_table(figures)
+        if table:
             print(f"ActiveLR gains at step {state.global_step}:\n{table}")
         return None
 
@@ -249,7 +241,7 @@ class ActiveTrainer(Trainer):
         if active is None:
             return {}
         entries = {}
-        partitioned = _zero_partitioned(self)
+        partitioned = zero_partitioned(self)
         for index, stats in enumerate(gain_stats(active, partitioned=partitioned)):
             if stats["elements"] == 0:
                 continue

@@ -13,11 +13,10 @@ imports them and patches at once.
 from __future__ import annotations
 
 import importlib.abc
-import inspect
 import sys
 import warnings
 
-from ..optim._validation import EPOCH
+from ..optim.config import EPOCH
 from . import registry
 
 SUPPORTED = "transformers>=5.0,<6"
@@ -103,17 +102,14 @@ def optimizer_kwargs(args, options: dict[str, str]) -> tuple[type, dict]:
     usual TrainingArguments and ``optim_args``: learning_rate, adam_beta1/2, adam_epsilon;
     weight decay comes per group from the Trainer's decay / no-decay grouping."""
     entry = registry.get(args.optim)
-    accepted = entry.accepted_options()
-    accepted = {"betas", "eps"} & set(inspect.signature(entry.optimizer_cls).parameters) | set(
-        accepted)
     kwargs = {"lr": args.learning_rate}
-    if "betas" in accepted:
+    if "betas" in entry.trainer_arguments:
         kwargs["betas"] = (args.adam_beta1, args.adam_beta2)
-    if "eps" in accepted:
+    if "eps" in entry.trainer_arguments:
         kwargs["eps"] = args.adam_epsilon
     kwargs.update(entry.defaults)
     kwargs.update(registry.parse_options(entry, options))
-    if "period" in accepted:
+    if "period" in entry.accepted_options():
         # No period given: one epoch of optimizer updates, set at train start (the paper's).
         kwargs.setdefault("period", EPOCH)
     # fused / foreach not given: the class's default path, which compiles the step where it

@@ -7,10 +7,11 @@ wrapper for any torch optimizer, and the cross-rank consistency check. Imports t
   function computes the base update (single-tensor, foreach and fused paths side by side);
 - :mod:`.wrapper`: :class:`ActiveLR` around any constructed torch optimizer;
 - :mod:`.presets`: named settings (the paper's, the default ``significant``);
+- :mod:`.loading`: a state dict loaded all or nothing (one validation, a roll back);
 - :mod:`.distributed`: are the states the same on every rank?
 """
 
-from ._mixin import unwrap_active
+from ._mixin import ActiveMixin, unwrap_active
 from .adabelief import ActiveAdaBelief
 from .adabound import ActiveAdaBound
 from .adamw import ActiveAdamW
@@ -27,6 +28,7 @@ __all__ = [
     "ActiveAdamW",
     "ActiveConfig",
     "ActiveLR",
+    "ActiveMixin",
     "ActiveOptimizer",
     "ActiveRAdam",
     "ActiveSGD",

@@ -244,7 +244,7 @@ def _flat_aliases(columns):
     """Per tensor (a row of ``columns``, None entries allowed): plain flat aliases where all
     of its tensors are contiguous (one graph serves every shape and rank), else plain
     aliases; DTensors (FSDP2) by their local part."""
-    rows = [_aliases([rule._local(t) for t in row])
+    rows = [_aliases([rule.local_tensor(t) for t in row])
             for row in zip(*columns)]
     return [list(column) for column in zip(*rows)] if rows else [[] for _ in columns]
 

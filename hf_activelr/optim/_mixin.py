@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import loading, rule
+from . import loading, rule, stats
 from ._validation import EPOCH, check_period, check_significance_reachable
 from .config import OPTION_NAMES, ActiveConfig
 
@@ -17,7 +17,7 @@ class _StatsCache:
     def __init__(self):
         self.summary: dict = {}
         self.boundary: dict = {}
-        self.median: dict = {}  # the last (relative) median (see rule.median_guesses)
+        self.median: dict = {}  # the last (relative) median (see stats.median_guesses)
         # Set by the first gain_stats() call: from then on boundaries keep the statistics
         # (a loop that never asks for them does not pay for them).
         self.tracking = False
@@ -111,21 +111,21 @@ class ActiveMixin:
 
     def _tick(self, group: dict) -> None:
         """Advance the group's clock; at a period boundary, adapt its gains, and keep their
-        statistics once someone reads them (on the compiled path they about double the
-        boundary's cost at 124M: README, "Benchmarks")."""
+        statistics once someone reads them (they cost about as much as the boundary itself:
+        README, "Benchmarks")."""
         group["active_step"] += 1
         if group["active_step"] % group["period"] == 0:
             states = self._active_states(group)
             cache = self._stats_cache()
-            stats = None
+            kept = None
             if cache.tracking:  # someone reads gain_stats(): keep them in passing
-                guesses = rule.median_guesses(cache.median.get(id(group), 1.0), group)
-                stats = rule.GainStats(states[0]["gain"].device if states else "cpu", guesses)
+                guesses = stats.median_guesses(cache.median.get(id(group), 1.0), group)
+                kept = stats.GainStats(states[0]["gain"].device if states else "cpu", guesses)
             group["gain_changes"] = rule.end_period(states, group, self._boundary_fn(group),
-                                                    stats)
+                                                    kept)
             cache.clear_group(group)
-            if stats is not None:
-                cache.boundary[id(group)] = stats
+            if kept is not None:
+                cache.boundary[id(group)] = kept
 
     def _boundary_fn(self, group: dict):
         """The boundary's code: eager (:func:`rule.boundary_tensor`); the fused path compiles
@@ -156,7 +156,7 @@ class ActiveMixin:
         Gains change only at boundaries, so the figures are kept from the last boundary
         (which computed them in passing) or, after a load or a new group, computed once in
         two passes over the gains (exact min, max and mean; the median from a histogram, see
-        :data:`rule.HIST_BINS`): calling this at every logging step costs nothing in
+        :data:`stats.HIST_BINS`): calling this at every logging step costs nothing in
         between.
 
         Under FSDP2 (gains held as sharded DTensors across ranks) the figures are the whole
@@ -175,7 +175,7 @@ class ActiveMixin:
         for group in self.param_groups:
             summary = cache.summary.get(id(group))
             if summary is None:
-                summary = rule.gain_summary(
+                summary = stats.gain_summary(
                     [s["gain"] for s in self._active_states(group)], group.get("gain_changes"),
                     group["gain_init"], cache.boundary.pop(id(group), None),
                     cache.median, id(group),

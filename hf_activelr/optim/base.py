@@ -298,10 +298,9 @@ class _FusedFailure(Exception):
 
 
 #: Parameter elements from which the default (``fused=None, foreach=None``) compiles the step
-#: on CPU. Measured on 2 cores (README, "Benchmarks"): at 54M the compiled step costs 0.66x
-#: torch's fused AdamW, the foreach one 12x; at 0.8M the compiled kernels' OpenMP threads
-#: competed with torch's and slowed a whole training step by ~10%, and the compilation (about
-#: 5-10 s on the first step) is not repaid by a small model's short runs.
+#: on CPU, where compiling wins (README, "Benchmarks", has the figures): below it the
+#: compiled kernels' OpenMP threads compete with torch's within a training step, and the
+#: compilation on the first step is not repaid by a small model's short runs.
 AUTO_FUSED_MIN_ELEMENTS = 10_000_000
 
 

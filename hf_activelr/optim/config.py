@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 
-from ._validation import (
+from ._validation import (  # EPOCH: re-exported, the public name of period="epoch"
     EPOCH,
     GAIN_INCREASES,
     ZERO_SUM_POLICIES,
@@ -40,9 +40,19 @@ GAIN_LIMITS = (1e-6, 1e6)
 Z_MAX = 100.0
 
 
-def _option(default, kind, help_text: str):
-    """A field with the type its ``key=value`` string parses to and its help."""
-    return field(default=default, metadata={"type": kind, "help": help_text})
+def parse_period(text: str):
+    """A ``period`` from its string: ``"epoch"`` or an int (checked by ActiveConfig)."""
+    return EPOCH if text.strip().lower() == EPOCH else int(text)
+
+
+parse_period.describe = "int or 'epoch'"
+
+
+def _option(default, kind, help_text: str, parse=None):
+    """A field with its type (what the CLI's ``list`` shows), the function that parses its
+    ``key=value`` string (the type itself unless given) and its help."""
+    return field(default=default,
+                 metadata={"type": kind, "parse": parse or kind, "help": help_text})
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,7 @@ class ActiveConfig:
     period: int | str = _option(
         None, int,
         "optimizer steps between gain updates, or 'epoch' (one epoch, set by the Trainer at "
-        "train start, as in the paper)")
+        "train start, as in the paper)", parse=parse_period)
     gain_min: float | None = _option(
         None, float, "lower bound of the gains, in [1e-6, 1]; None: unbounded (the paper)")
     gain_max: float | None = _option(
@@ -211,8 +221,10 @@ def _check_rounded_gains(gain_dtype: str, gain_increase: str, lr_high: float,
 #: The ActiveLR options, in declaration order: every param group of an Active optimizer
 #: carries them.
 OPTION_NAMES = tuple(f.name for f in fields(ActiveConfig))
-#: The type each option's ``key=value`` string parses to.
+#: The type of each option (what ``hf-activelr list`` shows).
 OPTION_TYPES = {f.name: f.metadata["type"] for f in fields(ActiveConfig)}
+#: What parses each option's ``key=value`` string: the type, or the field's own parser.
+OPTION_PARSERS = {f.name: f.metadata["parse"] for f in fields(ActiveConfig)}
 
 
 # -- the one key=value parser ---------------------------------------------------------------
@@ -241,14 +253,13 @@ def parse_value(key: str, text, kind: type | None = None):
     """The value of option ``key`` from its string ``text``. ``kind`` (bool, int, float, str)
     says what it must be; without one (a peer's option that has no typed default) the string
     reads as None, a boolean, an int, a float, in that order, else stays a string. ``"none"``
-    is None for every kind; ``period`` also takes ``"epoch"``. Non-strings pass through."""
+    is None for every kind; ``kind`` may also be a field's parser
+    (:data:`OPTION_PARSERS`: ``period`` takes ``"epoch"``). Non-strings pass through."""
     if not isinstance(text, str):
         return text
     lowered = text.strip().lower()
     if lowered == "none":
         return None
-    if key == "period" and lowered == EPOCH:
-        return EPOCH
     if kind is None:
         if lowered in ("true", "false"):
             return lowered == "true"
@@ -269,4 +280,5 @@ def parse_value(key: str, text, kind: type | None = None):
     try:
         return kind(text)
     except ValueError:
-        raise ValueError(f"option {key}={text!r}: expected a {kind.__name__}") from None
+        expected = getattr(kind, "describe", kind.__name__)
+        raise ValueError(f"option {key}={text!r}: expected a {expected}") from None

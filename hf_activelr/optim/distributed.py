@@ -38,7 +38,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from . import rule
+from . import rule, stats
+from .rule import local_tensor  # noqa: F401  (the one helper; callers import it here too)
 
 # Keys of a param group that are not hyperparameters compared across ranks.
 _NOT_COMPARED = frozenset({"params", "param_names", "active_step", "gain_changes"})
@@ -71,11 +72,6 @@ def is_partitioned(param) -> bool:
     if getattr(param, "_fsdp_flattened", False) or type(param).__name__ == "FlatParameter":
         return True
     return hasattr(param, "ds_id")  # a DeepSpeed ZeRO-3 parameter
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The rank's own part of ``tensor`` (a DTensor's local tensor; the tensor otherwise)."""
-    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def _world() -> int:
@@ -300,7 +296,7 @@ def gain_stats(optimizer, *, partitioned: bool = False) -> list[dict]:
     call it on every rank.
 
     Why not ``gain_stats()`` itself under FSDP2: it accumulates DTensor results into plain
-    tensors (``rule.GainStats.add``), which DTensor refuses (an ``AssertionError`` from
+    tensors (``stats.GainStats.add``), which DTensor refuses (an ``AssertionError`` from
     torch/distributed/tensor/_dispatch.py), and once called it makes every later period
     boundary do the same inside ``optimizer.step()``. (Before the histogram statistics it
     ``torch.cat``-ed the gains: an all-gather of every gain onto every rank, refused for an
@@ -355,10 +351,11 @@ def gain_stats(optimizer, *, partitioned: bool = False) -> list[dict]:
 def _reduced_summaries(active, partitioned: bool) -> list[dict]:
     """``optimizer.gain_stats()``'s figures per group, each combined across the ranks."""
     groups = active.param_groups
-    locals_, owned, count_modes = [], [], []
+    locals_, owned, count_modes, tolerances = [], [], [], []
     device = None
     for group in groups:
         values, mine, gains = [], [], [s["gain"] for s in active._active_states(group)]
+        tolerances.append(stats.bound_tolerance(gains[0]) if gains else 0.0)
         for gain in gains:
             # relative to gain_init, as the optimizer's own figures (times gain_init below)
             flat = rule.decode_gain(local_tensor(gain)).reshape(-1).float()
@@ -390,11 +387,7 @@ def _reduced_summaries(active, partitioned: bool) -> list[dict]:
         counts = [changes.get(k, 0) for k in ("grew", "shrank", "nonfinite")]
         if count_modes[i] != "sum":
             counts = [0, 0, 0]
-        at_min = at_max = 0
-        if group["gain_min"] is not None:
-            at_min = int((mine * group["gain_init"] <= group["gain_min"] * (1 + 1e-6)).sum())
-        if group["gain_max"] is not None:
-            at_max = int((mine * group["gain_init"] >= group["gain_max"] * (1 - 1e-6)).sum())
+        at_min, at_max = stats.count_at_bounds(mine, group, tolerances[i])
         totals[i] = torch.tensor([mine.numel(), float(mine.double().sum()), *counts,
                                   at_min, at_max], dtype=torch.float64)
     low = torch.tensor([float(v.min()) if v.numel() else inf for v in locals_],

@@ -248,6 +248,18 @@ def _validate_param_state(name: str, saved_id, state: dict, param, kinds) -> Non
                 f"expected a {'' if key == 'prev_sign' else 'floating-point '}tensor of the "
                 f"parameter's shape {tuple(param.shape)}"
             )
+    gain = state.get("gain")
+    if gain is not None:
+        # A gain is a finite factor at least the smallest normal float (stored with a sign
+        # bit, 0 for "no sign yet": rule.decode_gain); NaN or inf would reach the parameters
+        # at the next step, a subnormal one freezes its element.
+        magnitude = gain.abs()
+        tiny = torch.finfo(gain.dtype).tiny
+        if not bool(torch.isfinite(magnitude).all()) or bool(
+                ((magnitude > 0) & (magnitude < tiny)).any()):
+            raise ValueError(f"{name}: state['gain'] of parameter {saved_id} holds non-finite "
+                             "or subnormal gains: a damaged state (a gain is finite and at "
+                             f"least {tiny:g})")
     if ("gain" in state) != ("grad_sum" in state):
         has, lacks = ("gain", "grad_sum") if "gain" in state else ("grad_sum", "gain")
         raise ValueError(f"{name}: the state of parameter {saved_id} has {has!r} but not "

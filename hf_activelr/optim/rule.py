@@ -75,6 +75,7 @@ from typing import Iterable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import stats as _stats  # the boundary bins the gains for the statistics in passing
 from ._validation import ZERO_SUM_POLICIES
 
 _NO_PREV = 2  # prev_sign value before the first boundary (zero_sum="flip")
@@ -235,22 +236,6 @@ def apply_foreach(
 
 # --- the period boundary -----------------------------------------------------------------
 
-#: Gain statistics without sorting: the median is read from a histogram of ``log2(gain)``
-#: (relative to ``gain_init``), 128 bins per octave over the whole float32 range, counted by one
-#: ``bincount``. The boundary also sums, in float64, the gains of three
-#: bins: the last median's, and the bins of that median grown and shrunk once by the rule (where
-#: a median that moves goes first: :func:`median_guesses`); when the new median falls in one of
-#: them, the median is that bin's mean, exact when the bin holds one value (the usual case: the
-#: presets' gains lie on a lattice ``1.5 ** k``, up to float32 roundings); otherwise it is the
-#: bin's middle, within half a bin (0.27%) of the exact one. (Bins that all summed their values
-#: in float64 made the boundary's statistics cost about twice as much; bins taken from the
-#: float's bits (a bit cast) or stored as int16 kept the compiled CPU kernel from vectorizing:
-#: several times slower. README, "Benchmarks".)
-HIST_BINS_PER_OCTAVE = 128
-HIST_OCTAVES = 128  # each side of 1: [2**-128, 2**128)
-HIST_BINS = 2 * HIST_OCTAVES * HIST_BINS_PER_OCTAVE
-
-
 def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr_low: float,
                     low: float, high: float, significance: float, multiplicative: bool,
                     gain_step: float, with_stats: bool = True, median_bins=None,
@@ -263,15 +248,16 @@ def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr
 
     Returns ``(grew, shrank, nonfinite, min, max, sum, bins, in_bin, in_bin_sum)``: the
     counts, the new (relative) gains' min, max and float64 sum, each one's histogram bin
-    (:func:`histogram_bin`), and per bin of ``median_bins`` (an integer tensor of
-    :data:`GUESSES` bins, or None) how many gains fall in it and their float64 sum, read once
-    by :class:`GainStats`; without ``with_stats``, the counts only (the rest None: the
+    (:func:`~hf_activelr.optim.stats.histogram_bin`), and per bin of ``median_bins`` (an
+    integer tensor of ``stats.GUESSES`` bins, or None) how many gains fall in it and their
+    float64 sum, read once by ``stats.GainStats``; without ``with_stats``, the counts only
+    (the rest None: the
     statistics cost more than the update itself).
     """
     # A NaN sum (a NaN gradient in the period) carries no sign: it counts as a zero sum, and
     # the sum restarts below, so one bad gradient does not poison the gain for good. Written
     # with comparisons (False for NaN), not sign().nan_to_num(): compiled for CPU, the NaN
-    # test is a scalar loop and made the boundary's kernel 2.3x slower.
+    # test is a scalar loop (comparisons vectorize).
     cur = (grad_sum > 0).to(packed.dtype) - (grad_sum < 0).to(packed.dtype)
     raw = cur
     if grad_sq_sum is not None:
@@ -327,10 +313,10 @@ def boundary_tensor(packed, grad_sum, grad_sq_sum, prev_sign, lr_high: float, lr
     grad_sum.zero_()
     if not with_stats:
         return agree.sum(), flip.sum(), nonfinite, None, None, None, None, None, None
-    bins = histogram_bin(new_gain)
+    bins = _stats.histogram_bin(new_gain)
     in_bin = in_bin_sum = None
     if median_bins is not None:
-        masks = [bins == median_bins[k] for k in range(GUESSES)]
+        masks = [bins == median_bins[k] for k in range(_stats.GUESSES)]
         in_bin = torch.stack([mask.sum() for mask in masks])
         in_bin_sum = torch.stack([torch.where(mask, new_gain, 0.0).sum(dtype=torch.float64)
                                   for mask in masks])
@@ -350,143 +336,14 @@ def pooled_factor(agreed, flipped, z: float, up: float, down: float):
     agreements exceed flips by more than ``z`` standard deviations, the tensor's elements keep
     moving one way period after period (the learning rate is too small for it): all its gains
     grow by ``up``; where flips exceed agreements by as much, they oscillate (too large): all
-    shrink by ``down``; otherwise they hold (no drift under noise). Measured with AdamW on
-    ``vit-digits`` (issue 19): at lr 1e-4, too small, agreements outnumber flips 3 to 1 and a
-    third of the tensors pass the test upward, almost none downward; at the tuned 1e-3 and at
-    1e-2 the counts balance and the tests split evenly."""
+    shrink by ``down``; otherwise they hold (no drift under noise). The evidence, and what
+    it cannot tell: docs/algorithm.md, "Pooled evidence"."""
     count = agreed + flipped
     margin = z * count.sqrt()
     enough = count > 0
     up, down, one = (count.new_tensor(value) for value in (up, down, 1.0))
     return torch.where(enough & (agreed - flipped > margin), up,
                        torch.where(enough & (flipped - agreed > margin), down, one))
-
-
-def histogram_bin(gain):
-    """Each (positive) gain's histogram bin (:data:`HIST_BINS`), int32 (compiled for CPU, an
-    int16 result kept the whole boundary kernel from vectorizing)."""
-    position = torch.log2(gain.to(torch.promote_types(gain.dtype, torch.float32)))
-    position = (position + HIST_OCTAVES) * HIST_BINS_PER_OCTAVE
-    return position.floor().clamp(0, HIST_BINS - 1).to(torch.int32)
-
-
-def bin_value(index: int) -> float:
-    """A bin's geometric middle."""
-    return 2.0 ** ((index + 0.5) / HIST_BINS_PER_OCTAVE - HIST_OCTAVES)
-
-
-class GainStats:
-    """What a group's gains sum up to, accumulated tensor by tensor: exact counts, min, max
-    and sum, and the histogram the median is read from. Combines across ranks by addition
-    (and min / max)."""
-
-    def __init__(self, device, median_bins: tuple | None = None):
-        self.device = device
-        # the bins whose gains are summed (median_guesses), and what they count and sum to
-        self.guess = None if median_bins is None else tuple(int(b) for b in median_bins)
-        self.guess_count = torch.zeros(GUESSES, dtype=torch.int64, device=device)
-        self.guess_sum = torch.zeros(GUESSES, dtype=torch.float64, device=device)
-        self.median_value: float | None = None  # relative; set by median()
-        self.grew = self.shrank = self.nonfinite = 0
-        self.changed_elements = 0
-        self.elements = 0
-        self.low = math.inf
-        self.high = -math.inf
-        self.total = torch.zeros((), dtype=torch.float64, device=device)
-        self.count = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
-
-    def add(self, bins, low, high, total, in_bin=None, in_bin_sum=None) -> None:
-        """A tensor's statistics; ``in_bin`` / ``in_bin_sum``: how many of its gains fall in
-        each bin of ``self.guess``, and their sums."""
-        bins, low, high, total = (_local(t) for t in (bins, low, high, total))
-        if in_bin is not None:
-            self.guess_count += _local(in_bin).to(self.device)
-            self.guess_sum += _local(in_bin_sum).to(self.device)
-        self.elements += bins.numel()
-        # min / max stay on the device: no host sync per tensor
-        low, high = low.to(self.device, torch.float64), high.to(self.device, torch.float64)
-        self.low = low if not torch.is_tensor(self.low) else torch.minimum(self.low, low)
-        self.high = high if not torch.is_tensor(self.high) else torch.maximum(self.high, high)
-        self.total += total.to(self.device)
-        self.count += torch.bincount(bins.reshape(-1), minlength=HIST_BINS).to(self.device)
-
-    def add_gains(self, gain) -> None:
-        """Add a tensor of decoded (relative) gains."""
-        gain = _local(gain)
-        if gain.numel():
-            low, high = torch.aminmax(gain)
-            bins = histogram_bin(gain)
-            in_bin = in_bin_sum = None
-            if self.guess is not None:
-                masks = [bins == guess for guess in self.guess]
-                in_bin = torch.stack([mask.sum() for mask in masks])
-                in_bin_sum = torch.stack([gain[mask].sum(dtype=torch.float64)
-                                          for mask in masks])
-            self.add(bins, low, high, gain.sum(dtype=torch.float64), in_bin, in_bin_sum)
-
-    @classmethod
-    def from_gains(cls, gains: list, device) -> GainStats:
-        """The statistics of packed gain tensors (after a load: no boundary kept them), in
-        two passes: the histogram, then the sum of the median's bin (exact medians)."""
-        first = cls(device)
-        for gain in gains:
-            first.add_gains(decode_gain(gain))
-        if first.elements == 0:
-            return first
-        second = cls(device, (first.find_median_bin(),) * GUESSES)
-        for gain in gains:
-            second.add_gains(decode_gain(gain))
-        return second
-
-    def find_median_bin(self) -> int:
-        """The bin of the lower median (as ``torch.median``'s)."""
-        rank = (self.elements - 1) // 2
-        cumulative = torch.cumsum(self.count, 0)
-        return int(torch.searchsorted(cumulative, torch.tensor(
-            rank + 1, dtype=torch.int64, device=cumulative.device)))
-
-    def median(self) -> float:
-        """The lower median (as ``torch.median``'s): the mean of its bin's values where the
-        bin was summed (exact when it holds one value), else the bin's middle (within half a
-        bin); never outside the exact min and max (:data:`HIST_BINS`)."""
-        index = self.find_median_bin()
-        value = bin_value(index)
-        if self.guess is not None and index in self.guess:
-            k = self.guess.index(index)
-            if int(self.guess_count[k]) > 0:
-                value = float(self.guess_sum[k]) / int(self.guess_count[k])
-        value = self.median_value = min(max(value, float(self.low)), float(self.high))
-        return value
-
-    def summary(self, gain_init: float) -> dict:
-        if self.elements == 0:
-            return {"min": gain_init, "median": gain_init, "mean": gain_init,
-                    "max": gain_init, "grew": 0.0, "shrank": 0.0, "elements": 0,
-                    "nonfinite": 0}
-        changed = max(self.changed_elements, 1)
-        return {
-            "nonfinite": self.nonfinite,
-            "min": float(self.low) * gain_init,
-            "median": self.median() * gain_init,
-            "mean": float(self.total) / self.elements * gain_init,
-            "max": float(self.high) * gain_init,
-            "grew": self.grew / changed,
-            "shrank": self.shrank / changed,
-            "elements": self.elements,
-        }
-
-
-#: Bins whose gains a boundary sums (see :data:`HIST_BINS`).
-GUESSES = 3
-
-
-def median_guesses(median: float, group: dict) -> tuple:
-    """The bins a (relative) median of the last boundary is likeliest to be in after the
-    next: its own, and the bins of that value grown and shrunk once by the group's rule."""
-    grown = (median * (1.0 + group["lr_high"]) if group["gain_increase"] == "multiplicative"
-             else median + group["lr_high"] / group["gain_init"])
-    values = torch.tensor([median, grown, median * group["lr_low"]], dtype=torch.float32)
-    return tuple(int(b) for b in histogram_bin(values))
 
 
 def boundary_scalars(group: dict, dtype: torch.dtype) -> dict:
@@ -511,7 +368,7 @@ def keeps_squares(group: dict) -> bool:
     return group["significance"] is not None
 
 
-def _local(tensor):
+def local_tensor(tensor):
     """A DTensor's local part (sharded parameters: FSDP2); any other value as it is. The
     counts and statistics of a boundary are this rank's; ``distributed.gain_stats`` combines
     them across ranks."""
@@ -519,10 +376,11 @@ def _local(tensor):
 
 
 def end_period(states: Iterable[dict], group: dict, boundary=boundary_tensor,
-               stats: GainStats | None = None) -> dict:
+               stats=None) -> dict:
     """Adapt the gains of one param group at a period boundary; returns the change counts.
-    ``boundary``: :func:`boundary_tensor` or its compiled twin; ``stats``: filled with the new
-    gains' statistics (kept in passing; the reductions and the histogram are most of a
+    ``boundary``: :func:`boundary_tensor` or its compiled twin; ``stats``: a
+    ``stats.GainStats``, filled with the new gains' statistics (kept in passing; the
+    reductions and the histogram are most of a
     compiled boundary's cost)."""
     # Counts stay tensors until the end: one host sync per boundary, not three per tensor.
     grew = shrank = nonfinite = 0
@@ -542,9 +400,9 @@ def end_period(states: Iterable[dict], group: dict, boundary=boundary_tensor,
             state["prev_sign"] if group["zero_sum"] == "flip" else None, **scalars,
             with_stats=stats is not None, median_bins=median_bins)
         agree, flip, bad, low, high, gain_sum, bins, in_bin, in_bin_sum = outputs
-        grew = grew + _local(agree)
-        shrank = shrank + _local(flip)
-        nonfinite = nonfinite + _local(bad)
+        grew = grew + local_tensor(agree)
+        shrank = shrank + local_tensor(flip)
+        nonfinite = nonfinite + local_tensor(bad)
         total += packed.numel()
         if stats is not None:
             stats.add(bins, low, high, gain_sum, in_bin, in_bin_sum)
@@ -556,32 +414,8 @@ def end_period(states: Iterable[dict], group: dict, boundary=boundary_tensor,
     return counts
 
 
-# --- reading the gains -------------------------------------------------------------------
-
-
-def gain_summary(gains: list[torch.Tensor], changes: dict | None, gain_init: float = 1.0,
-                 stats: GainStats | None = None, medians: dict | None = None,
-                 key=None) -> dict:
-    """min / median / mean / max of the gains (the stored ones times ``gain_init``) and the
-    shares that grew or shrank last time. From ``stats`` (kept by the last boundary) in
-    O(histogram bins); else from ``gains`` in two passes per tensor (no concatenation, no
-    sort). ``medians[key]``: where the (relative) median is remembered (the next boundary
-    sums the gains of the bins it may move to: :data:`HIST_BINS`)."""
-    if stats is None:
-        stats = GainStats.from_gains(gains, gains[0].device if gains else torch.device("cpu"))
-        changes = changes or {}
-        stats.grew, stats.shrank = changes.get("grew", 0), changes.get("shrank", 0)
-        stats.nonfinite = changes.get("nonfinite", 0)
-        stats.changed_elements = changes.get("elements", 0)
-    summary = stats.summary(gain_init)
-    if medians is not None and stats.median_value is not None:
-        medians[key] = stats.median_value
-    return summary
-
-
 __all__ = [
     "ACTIVE_STATE_KEYS",
-    "GainStats",
     "boundary_tensor",
     "GainMultipliers",
     "ZERO_SUM_POLICIES",
@@ -591,7 +425,6 @@ __all__ = [
     "end_period",
     "ensure_state",
     "gain_dtype_of",
-    "gain_summary",
     "init_state",
     "keeps_squares",
     "pooled_factor",

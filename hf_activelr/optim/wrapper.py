@@ -25,15 +25,8 @@ pass one ``torch.compile``d loop per tensor, ``_fused.CHUNK`` tensors per call
 (``torch._foreach_*``), the reference the compiled path is tested against
 (``tests/test_wrapper_fused.py``: bitwise for float32 on CPU).
 
-Measured around ``torch.optim.AdamW(fused=True)`` at GPT-2-small shapes (124M float32, 148
-tensors; 2 shared CPU cores, torch 2.13; paired median of the per-step ratios to fused
-AdamW's step, ``python benchmarks/step_cost.py --steps 10 --only "torch AdamW fused"``,
-three runs): compiled 2.54x, 2.55x, 2.64x (the default takes this path from 10M elements;
-its rows, 2.7-3.5x, and the significance test's, 2.6-3.2x, varied with the machine's load;
-over 30 pairs, ``--steps 30``, the default's was 2.58x);
-eager 3.3x (7.5-11x while it made a fresh copy each step). In a quiet moment the compiled
-step split into 57 ms before, 58 ms for the wrapped AdamW, 41 ms after: near the 2.3x floor
-above, but not the 2x once hoped for, which no two-pass design reaches.
+What it costs, measured against torch's fused AdamW step: README, "Benchmarks"
+(``benchmarks/step_cost.py``).
 """
 
 from __future__ import annotations
@@ -157,8 +150,8 @@ class ActiveLR(ActiveMixin, Optimizer):
         """Where the parameters' values are kept during the wrapped step. On CPU one buffer
         per parameter, kept between steps (memory: one more copy of those parameters): a
         fresh tensor of GPT-2's embedding size is a fresh mmap whose every page faults on
-        first write, every step (measured, 38.6M float32 on 2 cores: ``clone()`` 72 ms,
-        ``copy_`` into a kept buffer 15 ms). Elsewhere fresh tensors: the caching allocator
+        first write, every step (about 5x the cost of copying into a kept buffer on CPU).
+        Elsewhere fresh tensors: the caching allocator
         hands back the same blocks at no cost, and between steps they serve activations."""
         if not params or params[0].device.type != "cpu":
             return [torch.empty_like(p) for p in params]

@@ -157,8 +157,10 @@ def main(argv=None) -> dict:
     metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     metrics["train_wall_time_s"] = wall_time
     trainer.log_metrics("all", metrics)
+    # The whole model's gain figures: a collective under FSDP2 and ZeRO (every rank).
+    gains = reporting.final_gain_stats(trainer)
     if trainer.is_world_process_zero():
-        results = reporting.build_results(trainer, metrics, {
+        results = reporting.build_results(trainer, metrics, final_gain_stats=gains, extra={
             "task": "causal-lm", "model": model_source, "data": source,
             "parameters": sum(p.numel() for p in model.parameters()),
             "train_blocks": len(data["train"]), "eval_blocks": len(data["validation"]),

@@ -286,8 +286,10 @@ def main(argv=None) -> dict:
             logger.info("adapter reload check: identical predictions %s, max |logit diff| %g",
                         reload_check["identical_predictions"], reload_check["max_abs_logit_diff"])
 
+    # The whole model's gain figures: a collective under FSDP2 and ZeRO (every rank).
+    gains = reporting.final_gain_stats(trainer)
     if trainer.is_world_process_zero():
-        results = reporting.build_results(trainer, metrics, {
+        results = reporting.build_results(trainer, metrics, final_gain_stats=gains, extra={
             "task": "text-classification (LoRA)", "model": model_path, "data": source,
             "trainable_parameters": trainable, "parameters": total,
             "lora": {"r": lora_config.r, "alpha": lora_config.lora_alpha,

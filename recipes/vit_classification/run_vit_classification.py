@@ -258,8 +258,10 @@ def main(argv=None) -> dict:
     metrics.update(trainer.evaluate())
     metrics["train_wall_time_s"] = wall_time
     trainer.log_metrics("all", metrics)
+    # The whole model's gain figures: a collective under FSDP2 and ZeRO (every rank).
+    gains = reporting.final_gain_stats(trainer)
     if trainer.is_world_process_zero():
-        results = reporting.build_results(trainer, metrics, {
+        results = reporting.build_results(trainer, metrics, final_gain_stats=gains, extra={
             "task": "image-classification", "model": model_source, "data": source,
             "parameters": parameters, "classes": label_names,
             "train_examples": len(data["train"]), "eval_examples": len(data["validation"]),
