@@ -27,6 +27,20 @@ class _StatsCache:
         self.boundary.pop(id(group), None)
 
 
+class Runtime:
+    """What an Active optimizer keeps between steps besides its state, in one declared place:
+    caches and the path's fate. Not pickled or copied (torch's optimizers pickle defaults,
+    state and param_groups only): a copy or an unpickled optimizer starts a fresh one."""
+
+    def __init__(self):
+        self.multipliers = rule.GainMultipliers()  # the eager paths' gain decoding, per tensor
+        self.stats = _StatsCache()  # gain_stats() figures and the boundary's statistics
+        self.fused_error: Exception | None = None  # the compiled path failed: off for good
+        self.auto_fused: bool | None = None  # the default path's choice, made once
+        self.starts = None  # the wrapper's kept CPU buffers (WeakIdKeyDictionary)
+        self.distributed_stats = None  # distributed.gain_stats's cache: (key, figures)
+
+
 class ActiveMixin:
     """Mixed into ``torch.optim.Optimizer`` subclasses whose state holds ActiveLR gains."""
 
@@ -48,12 +62,17 @@ class ActiveMixin:
             group["gain_changes"] = {"grew": 0, "shrank": 0, "elements": 0, "nonfinite": 0}
 
     @property
+    def _runtime(self) -> Runtime:
+        """This optimizer's :class:`Runtime` (made on first use, and after a copy)."""
+        runtime = self.__dict__.get("_runtime_state")
+        if runtime is None:
+            runtime = self.__dict__["_runtime_state"] = Runtime()
+        return runtime
+
+    @property
     def _gain_multipliers(self) -> rule.GainMultipliers:
         """The eager multi-tensor paths' gain decoding, remembered per gain tensor."""
-        multipliers = self.__dict__.get("_multipliers")
-        if multipliers is None:
-            multipliers = self.__dict__["_multipliers"] = rule.GainMultipliers()
-        return multipliers
+        return self._runtime.multipliers
 
     def _ensure_active_state(self, param, state, group) -> None:
         if "gain" not in state:
@@ -135,18 +154,15 @@ class ActiveMixin:
     # -- statistics -------------------------------------------------------------------------
 
     def _stats_cache(self) -> _StatsCache:
-        cache = self.__dict__.get("_gain_stats_cache")
-        if cache is None:
-            cache = self.__dict__["_gain_stats_cache"] = _StatsCache()
-        return cache
+        return self._runtime.stats
 
     def _forget_gain_stats(self) -> None:
         """The gains changed outside a boundary (new state, a load, a new group, a new
         period): the figures are computed afresh at the next call."""
-        cache = self.__dict__.get("_gain_stats_cache")
-        if cache is not None:
-            cache.summary.clear()
-            cache.boundary.clear()
+        runtime = self.__dict__.get("_runtime_state")
+        if runtime is not None:
+            runtime.stats.summary.clear()
+            runtime.stats.boundary.clear()
 
     def gain_stats(self) -> list[dict]:
         """Per param group: ``min``, ``median`` (lower), ``mean``, ``max`` of the gains;

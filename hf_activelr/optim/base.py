@@ -106,7 +106,7 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
             return rule.boundary_tensor
 
         def boundary(*tensors, **scalars):
-            if self.__dict__.get("_fused_error") is not None:  # failed on an earlier tensor
+            if self._runtime.fused_error is not None:  # failed on an earlier tensor
                 return rule.boundary_tensor(*tensors, **scalars)
             try:
                 return fused_boundary(*tensors, **scalars)
@@ -120,7 +120,7 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
         """``fused=True``: fused; ``foreach=False``: single-tensor; ``foreach=True``: foreach;
         neither set (the default): fused where it wins (:func:`auto_fused`), else foreach. A
         fused path that failed to compile or run stays off for good (``_fused_failed``)."""
-        if self.__dict__.get("_fused_error") is None:
+        if self._runtime.fused_error is None:
             if group["fused"]:
                 return "fused"
             if group["fused"] is None and group["foreach"] is None and self._auto_fused():
@@ -130,18 +130,18 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
         return "foreach"
 
     def _auto_fused(self) -> bool:
-        decision = self.__dict__.get("_auto_fused_decision")
-        if decision is None:
+        runtime = self._runtime
+        if runtime.auto_fused is None:
             params = [p for group in self.param_groups for p in group["params"]]
-            decision = self.__dict__["_auto_fused_decision"] = auto_fused(params)
-        return decision
+            runtime.auto_fused = auto_fused(params)
+        return runtime.auto_fused
 
     def _fused_failed(self, error: Exception) -> None:
         """The compiled step could not compile or run (no C++ compiler or Triton, a compiler
         error, an unsupported dtype...): this optimizer takes the foreach path from now on,
         after one warning naming the cause. The tensors this step had not updated yet are
         updated by the eager single-tensor code the kernel is compiled from: same results."""
-        self.__dict__["_fused_error"] = error
+        self._runtime.fused_error = error
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
         warnings.warn(
             f"{type(self).__name__}: the compiled (fused) step failed "

@@ -334,7 +334,7 @@ def gain_stats(optimizer, *, partitioned: bool = False) -> list[dict]:
     if not (has_sharded_gains(active) or (partitioned and _world() > 1)):
         return active.gain_stats()
     key = (_cache_key(active), partitioned)
-    cached = active.__dict__.get("_distributed_gain_stats")
+    cached = active._runtime.distributed_stats
     # Every rank must take the same branch (the computation is a collective): recompute
     # where any rank's cache is stale (a scalar all-reduce per call).
     fresh = torch.tensor([int(cached is not None and cached[0] == key)], dtype=torch.int64)
@@ -342,7 +342,7 @@ def gain_stats(optimizer, *, partitioned: bool = False) -> list[dict]:
     dist.all_reduce(fresh, op=dist.ReduceOp.MIN)
     if not int(fresh):
         cached = (key, _reduced_summaries(active, partitioned))
-        active.__dict__["_distributed_gain_stats"] = cached
+        active._runtime.distributed_stats = cached
     summaries = cached[1]
     return [{**stats, "step": group["active_step"], "period": group["period"]}
             for stats, group in zip(summaries, active.param_groups)]

@@ -140,7 +140,7 @@ class ActiveLR(ActiveMixin, Optimizer):
         CPU from ``AUTO_FUSED_MIN_ELEMENTS`` elements). A compiled path that failed stays off
         for good (``_fused_failed``). The choice is the wrapper's, not per group: the groups
         are the wrapped optimizer's, whose own ``fused`` / ``foreach`` keys they keep."""
-        if self.__dict__.get("_fused_error") is None:
+        if self._runtime.fused_error is None:
             fused = self.__dict__.get("_fused_option")  # absent: pickled before the option
             if fused or (fused is None and self._auto_fused()):
                 return "fused"
@@ -155,9 +155,9 @@ class ActiveLR(ActiveMixin, Optimizer):
         hands back the same blocks at no cost, and between steps they serve activations."""
         if not params or params[0].device.type != "cpu":
             return [torch.empty_like(p) for p in params]
-        buffers = self.__dict__.get("_starts")
+        buffers = self._runtime.starts
         if buffers is None:
-            buffers = self.__dict__["_starts"] = WeakIdKeyDictionary()
+            buffers = self._runtime.starts = WeakIdKeyDictionary()
         result = []
         for param in params:
             buffer = buffers.get(param)

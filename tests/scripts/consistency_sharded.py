@@ -183,7 +183,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         local_elements = sum(rule.decode_gain(subject.state[p]["gain"].to_local()).numel()
                              for p in sharded)
         results["gain_stats"] = {"history": stats_after, "local_elements": local_elements,
-                                 "cache_primed": subject._gain_stats_cache is not None}
+                                 "cache_primed": subject._runtime.distributed_stats is not None}
     except Exception:
         results["worker_error"] = traceback.format_exc()
     finally:
