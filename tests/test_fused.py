@@ -206,11 +206,11 @@ def _assert_same_run(a, b):
 
 @pytest.mark.slow
 def test_default_path_compiles_from_the_size_where_it_wins(monkeypatch):
-    from hf_activelr.optim import base
+    from hf_activelr.optim import paths
 
     small = _train(lambda ps: hal.ActiveAdamW(ps, lr=1e-2, **SIGNIFICANT))
     assert small[0]._use_path(small[0].param_groups[0]) == "foreach"
-    monkeypatch.setattr(base, "AUTO_FUSED_MIN_ELEMENTS", 10)
+    monkeypatch.setattr(paths, "AUTO_FUSED_MIN_ELEMENTS", 10)
     large = _train(lambda ps: hal.ActiveAdamW(ps, lr=1e-2, **SIGNIFICANT))
     assert large[0]._use_path(large[0].param_groups[0]) == "fused"
     assert any(key[1] == "_chunk" for key in _fused._COMPILED)

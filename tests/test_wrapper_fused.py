@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import hf_activelr as hal
-from hf_activelr.optim import _fused, base
+from hf_activelr.optim import _fused, paths
 from hf_activelr.optim.rule import decode_gain
 
 SHAPES = [(5, 3), (7,), (2, 3, 4), (6,), (3, 1, 2)]
@@ -148,7 +148,7 @@ def test_default_path_compiles_from_the_size_where_it_wins(monkeypatch):
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in SHAPES]
     small = hal.ActiveLR(torch.optim.SGD(params, lr=0.1), lr_high=0.5, lr_low=0.5, period=3)
     assert small._use_path() == "foreach"
-    monkeypatch.setattr(base, "AUTO_FUSED_MIN_ELEMENTS", 10)
+    monkeypatch.setattr(paths, "AUTO_FUSED_MIN_ELEMENTS", 10)
     large = hal.ActiveLR(torch.optim.SGD(params, lr=0.1), lr_high=0.5, lr_low=0.5, period=3)
     assert large._use_path() == "fused"
     forced = hal.ActiveLR(torch.optim.SGD(params, lr=0.1), lr_high=0.5, lr_low=0.5, period=3,

@@ -113,7 +113,7 @@ def optimizer_kwargs(args, options: dict[str, str]) -> tuple[type, dict]:
         # No period given: one epoch of optimizer updates, set at train start (the paper's).
         kwargs.setdefault("period", EPOCH)
     # fused / foreach not given: the class's default path, which compiles the step where it
-    # wins (CUDA with Triton; CPU from hf_activelr.optim.base.AUTO_FUSED_MIN_ELEMENTS).
+    # wins (CUDA with Triton; CPU from hf_activelr.optim.paths.AUTO_FUSED_MIN_ELEMENTS).
     return entry.optimizer_cls, kwargs
 
 

@@ -8,6 +8,8 @@ wrapper for any torch optimizer, and the cross-rank consistency check. Imports t
 - :mod:`.wrapper`: :class:`ActiveLR` around any constructed torch optimizer;
 - :mod:`.presets`: named settings (the paper's, the default ``significant``);
 - :mod:`.loading`: a state dict loaded all or nothing (one validation, a roll back);
+- :mod:`.paths`: which path a step takes, and the compiled path's fall back;
+- :mod:`.stats`: gain statistics, the one reader of gains for figures;
 - :mod:`.distributed`: are the states the same on every rank?
 """
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from . import loading, rule, stats
+from . import loading, paths, rule, stats
+from ._fused import fused_boundary
 from ._validation import EPOCH, check_period, check_significance_reachable
 from .config import OPTION_NAMES, ActiveConfig
 
@@ -147,9 +148,14 @@ class ActiveMixin:
                 cache.boundary[id(group)] = kept
 
     def _boundary_fn(self, group: dict):
-        """The boundary's code: eager (:func:`rule.boundary_tensor`); the fused path compiles
-        it."""
-        return rule.boundary_tensor
+        """The boundary's code: eager (:func:`rule.boundary_tensor`); on the fused path
+        compiled, falling back like the step (:func:`paths.or_eager`)."""
+        if self._use_path(group) != paths.FUSED:
+            return rule.boundary_tensor
+        return paths.or_eager(self, fused_boundary, rule.boundary_tensor)
+
+    def _all_params(self) -> list:
+        return [param for group in self.param_groups for param in group["params"]]
 
     # -- statistics -------------------------------------------------------------------------
 

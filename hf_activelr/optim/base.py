@@ -14,14 +14,13 @@ It validates and holds state, keeps the period clock, and runs the ActiveLR rule
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections import defaultdict
 
 import torch
 from torch.optim import Optimizer
 
-from . import loading, rule
-from ._fused import fused_boundary, fused_chunks, fused_step
+from . import loading, paths, rule
+from ._fused import fused_chunks, fused_step
 from ._mixin import ActiveMixin
 from ._validation import check_bool
 from .config import ActiveConfig
@@ -100,56 +99,11 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
 
     # -- the step ---------------------------------------------------------------------------
 
-    def _boundary_fn(self, group: dict):
-        """The fused path compiles the boundary too (falling back like the step)."""
-        if self._use_path(group) != "fused":
-            return rule.boundary_tensor
-
-        def boundary(*tensors, **scalars):
-            if self._runtime.fused_error is not None:  # failed on an earlier tensor
-                return rule.boundary_tensor(*tensors, **scalars)
-            try:
-                return fused_boundary(*tensors, **scalars)
-            except Exception as error:  # noqa: BLE001 - any compiler failure: see _fused_failed
-                self._fused_failed(error)
-                return rule.boundary_tensor(*tensors, **scalars)
-
-        return boundary
-
     def _use_path(self, group) -> str:
-        """``fused=True``: fused; ``foreach=False``: single-tensor; ``foreach=True``: foreach;
-        neither set (the default): fused where it wins (:func:`auto_fused`), else foreach. A
-        fused path that failed to compile or run stays off for good (``_fused_failed``)."""
-        if self._runtime.fused_error is None:
-            if group["fused"]:
-                return "fused"
-            if group["fused"] is None and group["foreach"] is None and self._auto_fused():
-                return "fused"
-        if group["foreach"] is False:
-            return "single"
-        return "foreach"
-
-    def _auto_fused(self) -> bool:
-        runtime = self._runtime
-        if runtime.auto_fused is None:
-            params = [p for group in self.param_groups for p in group["params"]]
-            runtime.auto_fused = auto_fused(params)
-        return runtime.auto_fused
-
-    def _fused_failed(self, error: Exception) -> None:
-        """The compiled step could not compile or run (no C++ compiler or Triton, a compiler
-        error, an unsupported dtype...): this optimizer takes the foreach path from now on,
-        after one warning naming the cause. The tensors this step had not updated yet are
-        updated by the eager single-tensor code the kernel is compiled from: same results."""
-        self._runtime.fused_error = error
-        first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        warnings.warn(
-            f"{type(self).__name__}: the compiled (fused) step failed "
-            f"({type(error).__name__}: {first_line}); "
-            "this optimizer uses the foreach path from now on (same results, slower; pass "
-            "fused=False to choose it and silence this warning)",
-            RuntimeWarning, stacklevel=4,
-        )
+        """The group's path (:func:`paths.choose`): ``fused=True``: fused; ``foreach=False``:
+        single-tensor; ``foreach=True``: foreach; neither set (the default): fused where it
+        wins, else foreach; a fused path that failed stays off for good."""
+        return paths.choose(group["fused"], group["foreach"], self._runtime, self._all_params)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -198,21 +152,14 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
                 rule.apply_single(param, grad, state["gain"], state["grad_sum"], delta,
                                   group["gain_init"], _sq_sum(group, state))
             return
-        try:
-            self._fused_update(group, params, grads, states, prepared)
-        except _FusedFailure as failure:
-            self._fused_failed(failure.error)
-            # The tensors the kernels did not reach: the eager code they are compiled from.
-            for index in failure.remaining:
+        def eager(indices):  # the code the kernels are compiled from: the same results
+            for index in indices:
                 tensors, scalars = prepared[index]
                 delta = type(self)._delta(params[index], grads[index], *tensors, **scalars)
                 rule.apply_single(params[index], grads[index], states[index]["gain"],
                                   states[index]["grad_sum"], delta, group["gain_init"],
                                   _sq_sum(group, states[index]))
 
-    def _fused_update(self, group, params, grads, states, prepared) -> None:
-        """The fused path; a failed compiled call raises _FusedFailure with the indices of the
-        tensors it did not update (a compilation fails before its kernel runs)."""
         scalar_cache: dict = {}  # the fused path's per-step scalars, shared by the group
         if len(params) == len(group["params"]):
             # Every parameter stepped: chunks of parameters that share device, dtype, scalars
@@ -222,33 +169,30 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
                 layout = tuple(t is None for t in tensors)
                 buckets[(param.device, param.dtype, layout,
                          tuple(sorted(scalars.items())))].append(index)
-            done: list[int] = []
-            for indices in buckets.values():
-                scalars = prepared[indices[0]][1]  # the same for the whole bucket
-                try:
-                    fused_chunks(
-                        type(self)._delta, [params[i] for i in indices],
-                        [grads[i] for i in indices], [states[i] for i in indices],
-                        [prepared[i][0] for i in indices], scalars, self._step_scalars,
-                        scalar_cache, group["gain_init"], rule.keeps_squares(group),
-                        progress=done, indices=indices,
-                    )
-                except Exception as error:  # noqa: BLE001 - any compiler failure
-                    finished = set(done)
-                    remaining = [i for i in range(len(params)) if i not in finished]
-                    raise _FusedFailure(error, remaining) from error
+
+            def compiled(indices, progress):
+                fused_chunks(
+                    type(self)._delta, [params[i] for i in indices],
+                    [grads[i] for i in indices], [states[i] for i in indices],
+                    [prepared[i][0] for i in indices], prepared[indices[0]][1],
+                    self._step_scalars, scalar_cache, group["gain_init"],
+                    rule.keeps_squares(group), progress=progress, indices=indices,
+                )
+
+            paths.run(self, list(buckets.values()), compiled, eager)
             return
+
         # Some parameters have no gradient this step: one call per tensor, so a changing set
         # of parameters never triggers a compilation.
-        for index, (param, grad, state, (tensors, scalars)) in enumerate(
-            zip(params, grads, states, prepared)
-        ):
-            try:
-                fused_step(type(self)._delta, param, grad, state, tensors, scalars,
-                           self._step_scalars, scalar_cache, group["gain_init"],
-                           _sq_sum(group, state))
-            except Exception as error:  # noqa: BLE001 - any compiler failure
-                raise _FusedFailure(error, list(range(index, len(params)))) from error
+        def compiled_one(indices, progress):
+            (index,) = indices
+            tensors, scalars = prepared[index]
+            fused_step(type(self)._delta, params[index], grads[index], states[index], tensors,
+                       scalars, self._step_scalars, scalar_cache, group["gain_init"],
+                       _sq_sum(group, states[index]))
+            progress.append(index)
+
+        paths.run(self, [[i] for i in range(len(params))], compiled_one, eager)
 
     def load_state_dict(self, state_dict) -> None:
         """torch's load, after one validation of the whole state (:mod:`.loading`); a load
@@ -286,39 +230,6 @@ def _check_paths(group: dict) -> None:
             check_bool(name, group[name])
     if group.get("fused") and group.get("foreach"):
         raise ValueError("fused=True and foreach=True are exclusive: pick one path")
-
-
-class _FusedFailure(Exception):
-    """A compiled call failed; ``remaining``: indices of the tensors not updated."""
-
-    def __init__(self, error: Exception, remaining: list[int]):
-        super().__init__(str(error))
-        self.error = error
-        self.remaining = remaining
-
-
-#: Parameter elements from which the default (``fused=None, foreach=None``) compiles the step
-#: on CPU, where compiling wins (README, "Benchmarks", has the figures): below it the
-#: compiled kernels' OpenMP threads compete with torch's within a training step, and the
-#: compilation on the first step is not repaid by a small model's short runs.
-AUTO_FUSED_MIN_ELEMENTS = 10_000_000
-
-
-def auto_fused(params) -> bool:
-    """Whether the default path compiles: on CUDA with Triton always; on CPU from
-    :data:`AUTO_FUSED_MIN_ELEMENTS` parameter elements; never elsewhere (MPS, XLA...)."""
-    if not params:
-        return False
-    device = params[0].device
-    if device.type == "cuda":
-        try:
-            from torch.utils._triton import has_triton
-        except ImportError:
-            return False
-        return has_triton()
-    if device.type == "cpu":
-        return sum(p.numel() for p in params) >= AUTO_FUSED_MIN_ELEMENTS
-    return False
 
 
 def _sq_sum(group: dict, state: dict):

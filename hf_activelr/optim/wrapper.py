@@ -38,10 +38,10 @@ import torch
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import _fused, loading, rule
+from . import _fused, loading, paths, rule
 from ._mixin import ActiveMixin
 from ._validation import check_bool
-from .base import ActiveOptimizer, _group_by_device_and_dtype
+from .base import _group_by_device_and_dtype
 from .config import OPTION_NAMES, ActiveConfig
 
 
@@ -128,23 +128,13 @@ class ActiveLR(ActiveMixin, Optimizer):
 
     # -- the paths --------------------------------------------------------------------------
 
-    # The variants' path choice and fall back (base.py), shared: ``_use_path`` below answers
-    # "fused" or "foreach" as theirs does, which is all these read.
-    _auto_fused = ActiveOptimizer._auto_fused
-    _fused_failed = ActiveOptimizer._fused_failed
-    _boundary_fn = ActiveOptimizer._boundary_fn
-
     def _use_path(self, group=None) -> str:
         """``fused=True``: compiled; ``fused=False``: the eager foreach code; None (default):
-        compiled where it wins (:func:`~hf_activelr.optim.base.auto_fused`: CUDA with Triton,
-        CPU from ``AUTO_FUSED_MIN_ELEMENTS`` elements). A compiled path that failed stays off
-        for good (``_fused_failed``). The choice is the wrapper's, not per group: the groups
-        are the wrapped optimizer's, whose own ``fused`` / ``foreach`` keys they keep."""
-        if self._runtime.fused_error is None:
-            fused = self.__dict__.get("_fused_option")  # absent: pickled before the option
-            if fused or (fused is None and self._auto_fused()):
-                return "fused"
-        return "foreach"
+        compiled where it wins (:func:`paths.choose`, as the variants' default). The choice
+        is the wrapper's, not per group: the groups are the wrapped optimizer's, whose own
+        ``fused`` / ``foreach`` keys they keep."""
+        fused = self.__dict__.get("_fused_option")  # absent: pickled before the option
+        return paths.choose(fused, None, self._runtime, self._all_params)
 
     def _start_buffers(self, params) -> list[torch.Tensor]:
         """Where the parameters' values are kept during the wrapped step. On CPU one buffer
@@ -205,66 +195,64 @@ class ActiveLR(ActiveMixin, Optimizer):
             else None
         starts = self._start_buffers([params[i] for i in keep])
         start_of = dict(zip(keep, starts))
-        if self._use_path() == "foreach":
-            _before_eager(params, grads, sums, squares,
-                          [(params[i], start) for i, start in start_of.items()])
+        def eager(indices):
+            _before_eager([params[i] for i in indices], [grads[i] for i in indices],
+                          [sums[i] for i in indices],
+                          None if squares is None else [squares[i] for i in indices],
+                          [(params[i], start_of[i]) for i in indices if i in start_of])
+
+        if self._use_path() != paths.FUSED:
+            eager(list(range(len(params))))
             return starts
-        done: list[int] = []
-        try:
-            for bucket in _group_by_device_and_dtype(params):
-                for copied in (True, False):  # two graphs: with the copy, without
-                    subset = [i for i in bucket if (i in start_of) == copied]
-                    if not subset:
-                        continue
-                    progress: list[int] = []
-                    try:
-                        _fused.lr_wrapper_before(
-                            [params[i] for i in subset], [grads[i] for i in subset],
-                            [sums[i] for i in subset],
-                            None if squares is None else [squares[i] for i in subset],
-                            [start_of[i] for i in subset] if copied else None, progress)
-                    finally:
-                        done.extend(subset[i] for i in progress)
-        except Exception as error:  # noqa: BLE001 - any compiler failure: see _fused_failed
-            self._fused_failed(error)
-            finished = set(done)
-            rest = [i for i in range(len(params)) if i not in finished]
-            _before_eager([params[i] for i in rest], [grads[i] for i in rest],
-                          [sums[i] for i in rest],
-                          None if squares is None else [squares[i] for i in rest],
-                          [(params[i], start_of[i]) for i in rest if i in start_of])
+
+        def compiled(subset, progress):
+            copied = subset[0] in start_of  # a batch copies all its tensors or none
+            local: list[int] = []
+            try:
+                _fused.lr_wrapper_before(
+                    [params[i] for i in subset], [grads[i] for i in subset],
+                    [sums[i] for i in subset],
+                    None if squares is None else [squares[i] for i in subset],
+                    [start_of[i] for i in subset] if copied else None, local)
+            finally:
+                progress.extend(subset[i] for i in local)
+
+        # Two graphs per device and dtype: with the copy, without.
+        batches = [subset for bucket in _group_by_device_and_dtype(params)
+                   for copied in (True, False)
+                   if (subset := [i for i in bucket if (i in start_of) == copied])]
+        paths.run(self, batches, compiled, eager)
         return starts
 
     def _after(self, group, params, states, starts) -> None:
         """``p = start + gain_init * g * (p - start)``: the wrapped step's displacement,
         scaled by the gains."""
-        indices = list(range(len(params)))
-        if self._use_path() == "fused":
-            done: list[int] = []
+        def eager(indices):
+            moved = [params[i] for i in indices]
+            kept = [starts[i] for i in indices]
+            scales = self._gain_multipliers([states[i]["gain"] for i in indices])
+            scaled = [i for i, scale in enumerate(scales) if scale is not None]
+            torch._foreach_sub_(moved, kept)  # the wrapped optimizer's displacement
+            if scaled:
+                torch._foreach_mul_([moved[i] for i in scaled], [scales[i] for i in scaled])
+            if group["gain_init"] != 1.0:
+                torch._foreach_mul_(moved, group["gain_init"])
+            torch._foreach_add_(moved, kept)
+
+        if self._use_path() != paths.FUSED:
+            eager(list(range(len(params))))
+            return
+
+        def compiled(bucket, progress):
+            local: list[int] = []
             try:
-                for bucket in _group_by_device_and_dtype(params):
-                    progress: list[int] = []
-                    try:
-                        _fused.lr_wrapper_after(
-                            [params[i] for i in bucket], [starts[i] for i in bucket],
-                            [states[i]["gain"] for i in bucket], group["gain_init"], progress)
-                    finally:
-                        done.extend(bucket[i] for i in progress)
-                return
-            except Exception as error:  # noqa: BLE001 - any compiler failure
-                self._fused_failed(error)
-                finished = set(done)
-                indices = [i for i in indices if i not in finished]
-        params = [params[i] for i in indices]
-        starts = [starts[i] for i in indices]
-        scales = self._gain_multipliers([states[i]["gain"] for i in indices])
-        scaled = [i for i, scale in enumerate(scales) if scale is not None]
-        torch._foreach_sub_(params, starts)  # the wrapped optimizer's displacement
-        if scaled:
-            torch._foreach_mul_([params[i] for i in scaled], [scales[i] for i in scaled])
-        if group["gain_init"] != 1.0:
-            torch._foreach_mul_(params, group["gain_init"])
-        torch._foreach_add_(params, starts)
+                _fused.lr_wrapper_after(
+                    [params[i] for i in bucket], [starts[i] for i in bucket],
+                    [states[i]["gain"] for i in bucket], group["gain_init"], local)
+            finally:
+                progress.extend(bucket[i] for i in local)
+
+        paths.run(self, _group_by_device_and_dtype(params), compiled, eager)
 
     def state_dict(self) -> dict:
         """The wrapped optimizer's state dict with ``gain``/``grad_sum`` added per parameter."""
