@@ -361,3 +361,13 @@ def test_a_state_with_damaged_gains_is_refused(value):
         state["state"][0]["gain"][0, 0] = value
     _refused_then_untouched(TARGETS["ActiveAdamW"], _damaged(damage), ValueError,
                             "non-finite or subnormal gains")
+
+
+@pytest.mark.parametrize("change", [
+    lambda s: s["param_groups"][0].update(params=["a", "b", "c"]),
+    lambda s: s["state"].update({99: {"step": torch.tensor(1.0)}}),
+], ids=["ids-renamed", "unlisted-state"])
+def test_state_the_groups_do_not_list_is_refused(change):
+    """torch's load drops such state without a word (the moments would restart)."""
+    _refused_then_untouched(TARGETS["ActiveAdamW"], _damaged(change), ValueError,
+                            "do not match")

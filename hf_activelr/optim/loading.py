@@ -183,6 +183,13 @@ def validate(optimizer, state_dict, *, base_keys=None, base_kinds=None,
             f"{[len(g['params']) for g in groups]}, this optimizer "
             f"{[len(g['params']) for g in optimizer.param_groups]}: it belongs to another model"
         )
+    listed = [saved_id for saved in groups for saved_id in saved["params"]]
+    unlisted = [key for key in states if key not in set(listed)]
+    if len(set(listed)) != len(listed) or unlisted:
+        raise ValueError(
+            f"{name}: the state dict's param groups and state do not match (ids listed twice, "
+            f"or state for ids no group lists: {unlisted[:5]}): a damaged state dict, whose "
+            "per-parameter state would be dropped without a word")
     allowed = None if base_keys is None else set(base_keys) | set(rule.ACTIVE_STATE_KEYS)
     for index, (saved, group) in enumerate(zip(groups, optimizer.param_groups)):
         lacking = sorted(key for key in group_keys if key not in saved)
