@@ -53,12 +53,7 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
             raise TypeError(f"config must be an ActiveConfig, got {type(config).__name__}")
         base = config.group_values() if config is not None else dict(self.paper_options)
         active = ActiveConfig.from_options(options, base).group_values()
-        if foreach is not None:
-            check_bool("foreach", foreach)
-        if fused is not None:
-            check_bool("fused", fused)
-        if fused and foreach:
-            raise ValueError("fused=True and foreach=True are exclusive: pick one path")
+        _check_paths({"foreach": foreach, "fused": fused})
         defaults = {**defaults, **active, "foreach": foreach, "fused": fused}
         super().__init__(params, defaults)
 
@@ -122,11 +117,6 @@ class ActiveOptimizer(ActiveMixin, Optimizer):
         for param in group["params"]:
             if param.grad is None:
                 continue
-            if param.grad.is_sparse:
-                raise RuntimeError(
-                    f"{type(self).__name__} does not support sparse gradients "
-                    "(e.g. nn.Embedding(sparse=True)); use dense gradients"
-                )
             params.append(param)
             grads.append(param.grad)
             states.append(self._state_for(param, group))

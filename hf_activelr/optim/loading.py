@@ -199,8 +199,7 @@ def validate(optimizer, state_dict, *, base_keys=None, base_kinds=None,
                 f"{lacking}, which {name}'s groups hold: the state was saved by another "
                 "optimizer")
         merged = merged_group(saved, group)
-        _validate_group(name, index, saved, merged, group_checks)
-        kinds = base_kinds(merged) if base_kinds is not None else None
+        kinds = _validate_group(name, index, saved, merged, group_checks, base_kinds)
         for saved_id, param in zip(saved["params"], group["params"]):
             state = states.get(saved_id, {})
             if allowed is not None and not set(state) <= allowed:
@@ -212,8 +211,10 @@ def validate(optimizer, state_dict, *, base_keys=None, base_kinds=None,
             _validate_param_state(name, saved_id, state, param, kinds)
 
 
-def _validate_group(name: str, index: int, saved: dict, merged: dict, group_checks) -> None:
-    """The loaded group's values pass the checks a new group passes."""
+def _validate_group(name: str, index: int, saved: dict, merged: dict, group_checks,
+                    base_kinds) -> dict | None:
+    """The loaded group's values pass the checks a new group passes; returns what
+    ``base_kinds`` says the group's parameters keep (it may refuse the values too)."""
     try:
         ActiveConfig.from_options({key: merged[key] for key in OPTION_NAMES})
         for check in group_checks:
@@ -226,6 +227,7 @@ def _validate_group(name: str, index: int, saved: dict, merged: dict, group_chec
         changes = saved.get("gain_changes")
         if changes is not None and not isinstance(changes, dict):
             raise ValueError(f"gain_changes is {_described(changes)}, expected a dict")
+        return base_kinds(merged) if base_kinds is not None else None
     except (TypeError, ValueError, KeyError) as error:
         if isinstance(error, KeyError):
             error = f"it lacks {error}, which this optimizer's groups hold: saved by another " \

@@ -77,15 +77,9 @@ class ActiveLR(ActiveMixin, Optimizer):
         active = ActiveConfig.from_options(options, base).group_values()
         self.optimizer = optimizer
         self._fused_option = fused
-        kept = [dict(group) for group in optimizer.param_groups]
-        try:
+        # Refused (e.g. complex parameters): the wrapped optimizer as it was.
+        with loading.all_or_nothing(optimizer):
             super().__init__(optimizer.param_groups, {**optimizer.defaults, **active})
-        except BaseException:
-            # Refused (e.g. complex parameters): the wrapped optimizer's groups as they were.
-            for group, values in zip(optimizer.param_groups, kept):
-                group.clear()
-                group.update(values)
-            raise
         optimizer.__dict__[_WRAPPED] = True
         # One list of group dicts for both: schedulers and add_param_group see the same groups.
         self.param_groups = optimizer.param_groups
@@ -285,25 +279,18 @@ class ActiveLR(ActiveMixin, Optimizer):
             self._restore_active_state(state_dict, previous)
 
     def _base_state_kinds(self, group: dict) -> dict | None:
-        """What the wrapped optimizer keeps per parameter, probed (:mod:`.loading`)."""
-        return loading.probe_state_kinds(type(self.optimizer), group, self.optimizer.defaults)
-
-    def _group_checks(self) -> tuple:
-        """A loaded group's values must let the wrapped optimizer step (torch's own load
-        takes any value: ``foreach=<a tensor>`` fails only at the next step). Probed where the
-        wrapped optimizer can be probed with its own defaults."""
+        """What the wrapped optimizer keeps per parameter, learnt from a probe stepped with
+        the group's values (:mod:`.loading`). The probe's failure refuses the values (torch's
+        own load takes any: ``foreach=<a tensor>`` fails only at the next step), unless the
+        wrapped optimizer cannot be probed at all (None: no check)."""
         cls, defaults = type(self.optimizer), self.optimizer.defaults
-        if loading.probe_state_kinds(cls, defaults, defaults) is None:
-            return ()
-
-        def steps(group):
-            try:
-                loading.probe(cls, group, defaults)
-            except Exception as error:  # noqa: BLE001 - whatever it raises, it cannot step
-                raise ValueError(f"the wrapped {cls.__name__} cannot step with its values "
-                                 f"({type(error).__name__}: {error})") from None
-
-        return (steps,)
+        try:
+            return loading.probe(cls, group, defaults)
+        except Exception as error:  # noqa: BLE001 - whatever it raises, it cannot step
+            if loading.probe_state_kinds(cls, defaults, defaults) is None:
+                return None
+            raise ValueError(f"the wrapped {cls.__name__} cannot step with its values "
+                             f"({type(error).__name__}: {error})") from None
 
 
 def _check_wrappable(optimizer: Optimizer) -> None:
