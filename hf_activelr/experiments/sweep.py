@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from ..optim.config import parse_value, split_options
+from ..optim.config import EPOCH, parse_value, split_options
 from .reporting import write_json
 
 DEFAULT_LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -120,7 +120,7 @@ def check_optimizer(spec: str) -> None:
     if kwargs is not None:
         import torch
 
-        if kwargs.get("period", "epoch") == "epoch":
+        if kwargs.get("period", EPOCH) == EPOCH:
             kwargs["period"] = 1
         # Construct it once on a dummy parameter: out-of-range values fail now, not mid-sweep.
         registry.get(name).optimizer_cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
