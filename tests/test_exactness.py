@@ -755,3 +755,49 @@ def test_none_gradients(variant, zero_sum):
             for j, p in enumerate(group["params"]):
                 if variant != "sgd":  # SGD keeps no step count
                     assert int(opt.state[p]["step"]) == expected_steps[i, j]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("cls, settings", [
+    (ActiveAdamW, dict(weight_decay=0.05)),
+    (ActiveSGD, dict(momentum=0.9, weight_decay=0.01)),
+])
+def test_gain_init_is_a_learning_rate_multiplier(cls, settings, foreach):
+    """``gain_init=c`` at learning rate ``lr`` computes what ``gain_init=1`` computes at
+    ``c * lr`` with the bounds divided by ``c`` (the whole update, decay included, scales with
+    ``lr * gain``; the rule reads gradients only). So a start below 1 is a change of learning
+    rate, not part of the rule: docs/algorithm.md, "The start is a learning-rate multiplier",
+    and the protocol's start-scale control. Float64, the default rule (significance test,
+    x1.5 / /1.5), 30 boundaries, bounds that bind."""
+    torch.manual_seed(0)
+    start, lr = 10**-0.5, 0.02
+    shapes = [(6, 5), (5,)]
+    first = [torch.randn(s, dtype=F64, requires_grad=True) for s in shapes]
+    second = [p.detach().clone().requires_grad_(True) for p in first]
+    rule = dict(lr_high=0.5, lr_low=1 / 1.5, gain_increase="multiplicative", period=3,
+                significance=1.0, foreach=foreach)
+    low_start = cls(first, lr=lr, gain_init=start, gain_min=0.1, gain_max=3.0, **rule,
+                    **settings)
+    from_one = cls(second, lr=lr * start, gain_init=1.0, gain_min=0.1 / start,
+                   gain_max=3.0 / start, **rule, **settings)
+    bias = [torch.randn(s, dtype=F64) for s in shapes]  # some signs persist
+    for _ in range(90):
+        noise = [torch.randn(s, dtype=F64) for s in shapes]
+        for params in (first, second):
+            for p, b, n in zip(params, bias, noise):
+                p.grad = b + n + 0.5 * p.detach()
+        low_start.step()
+        from_one.step()
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    # the gains, stored relative to gain_init: the same relative gains, step by step
+    torch.testing.assert_close(torch.cat(_gains(low_start)), torch.cat(_gains(from_one)),
+                               rtol=1e-12, atol=0.0)
+    moved = torch.cat(_gains(from_one))
+    assert (moved > 1).any() and (moved < 1).any()
+    assert math.isclose(float(moved.max()), 3.0 / start)  # a bound binds
+
+
+def _gains(optimizer):
+    return [decode_gain(optimizer.state[p]["gain"]).reshape(-1).double()
+            for group in optimizer.param_groups for p in group["params"]]

@@ -111,13 +111,14 @@ def test_no_bfloat16_gain_freezes_at_the_smallest_allowed_steps(lr_high, lr_low)
 
 def test_bounds_hold_to_bfloat16_rounding():
     params = make_params()
-    optimizer = hal.ActiveAdamW(params, lr=1e-2, **{**SIGNIFICANT, "gain_min": 0.1,
-                                                     "gain_max": 1.0}, **LEAN)
+    # gains from 10 ** -0.5, so that both bounds are reached in 40 steps
+    optimizer = hal.ActiveAdamW(params, lr=1e-2, **{**SIGNIFICANT, "gain_init": 10**-0.5,
+                                                     "gain_min": 0.1, "gain_max": 1.0}, **LEAN)
     for t in range(1, 40):
         set_grads(params, t)
         optimizer.step()
     stats = optimizer.gain_stats()[0]
-    gains = torch.cat([decode_gain(s["gain"]).double().flatten() * SIGNIFICANT["gain_init"]
+    gains = torch.cat([decode_gain(s["gain"]).double().flatten() * 10**-0.5
                        for s in optimizer.state.values()])
     assert gains.min() == pytest.approx(0.1, rel=2**-8) and gains.max() == pytest.approx(
         1.0, rel=2**-8)

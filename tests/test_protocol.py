@@ -67,20 +67,25 @@ def test_peers_run_at_their_defaults_and_on_their_grids():
 
 def test_later_seeds_go_where_the_first_says_they_decide():
     arm = next(a for a in protocol.arms() if a.task == "gpt2-text" and a.batch_size is None)
+    low_start = "active_adamw:gain_init=0.31622776601683794"  # gains from 10 ** -0.5
     records = []
     for lr in arm.lrs:
         records.append(_record("gpt2-text", "adamw_torch", lr, 0, 2.0 + abs(math.log10(lr) + 2.5)))
         records.append(_record("gpt2-text", "active_adamw", lr, 0,
                                2.0 + abs(math.log10(lr) + 1.5)))
-    decisive = protocol.decisive_lrs(records, arm, "linear", list(protocol.ADAMW_OPTIMS))
-    # The base's best (3.16e-3) and its neighbours, the default's best (3.16e-2), 1e-3.
+        records.append(_record("gpt2-text", low_start, lr, 0, 2.0 + abs(math.log10(lr) + 1.5)))
+    optims = [*protocol.ADAMW_OPTIMS, low_start]
+    decisive = protocol.decisive_lrs(records, arm, "linear", optims)
+    # The base's best (3.16e-3) and its neighbours, the optimizer's best (3.16e-2), 1e-3.
     assert set(decisive["active_adamw"]) == {1e-3, 3.16e-3, 1e-2, 3.16e-2}
+    assert set(decisive[low_start]) == {1e-3, 3.16e-3, 1e-2, 3.16e-2}
     assert {1e-3, 3.16e-3, 1e-2} <= set(decisive["adamw_torch"])
-    start = protocol.gain_init_of("active_adamw")
+    assert protocol.gain_init_of("active_adamw") == 1.0  # the default: its control is the base
+    start = protocol.gain_init_of(low_start)
     assert any(math.isclose(lr, 3.16e-2 * start, rel_tol=2e-2)
-               for lr in decisive["adamw_torch"])  # the control of the default's best
+               for lr in decisive["adamw_torch"])  # the control of the low start's best
     points = protocol.plan(peers=False, only_tasks=["gpt2-text"], only_schedules=["linear"],
-                           records=records)
+                           records=records, candidates=[low_start])
     later = {(p.optim, p.lr) for p in points if p.seed == 2 and p.batch_size == 32}
     assert later == {(o, lr) for o, lrs in decisive.items() for lr in lrs}
     # The paper's rule has no seed-0 runs here: the base's neighbourhood and 1e-3 only.

@@ -448,11 +448,22 @@ def summarize(records: list[dict], quick: bool = False) -> list[dict]:
     return out
 
 
+def start_controls(row: dict) -> dict:
+    """``{lr: the base's lr that is this row's start}``: its start-scale controls; for an Active
+    optimizer whose gains start at 1, the base at the same lr (its start is the base); empty
+    for an optimizer without gains."""
+    if row["control_lrs"]:
+        return row["control_lrs"]
+    if row.get("gain_init") == 1.0:
+        return {lr: lr for lr in row["points"]}
+    return {}
+
+
 def beats_start(row: dict, base_points: dict, tolerance: float) -> dict:
-    """Per grid lr with a start-scale control: better (by more than ``tolerance``), worse (by
-    more than it) or even; counts of each."""
+    """Per grid lr with a start-scale control (:func:`start_controls`): better (by more than
+    ``tolerance``), worse (by more than it) or even; counts of each."""
     better = worse = even = 0
-    for lr, control_lr in row["control_lrs"].items():
+    for lr, control_lr in start_controls(row).items():
         mine = row["points"].get(lr, {}).get("mean")
         control_point = base_points.get(control_lr)
         if mine is None or control_point is None:
@@ -482,7 +493,8 @@ DEFAULT_SPECS = ("active_adamw", "active_sgd:momentum=0.9")
 
 def targets(summary: list[dict], optims=DEFAULT_SPECS) -> str:
     """The issue's targets, met or not, for ``optims`` per arm: beats its start (no grid lr
-    worse than the base at ``gain_init * lr`` + tol, better at half of them or more); at the
+    worse than the base at ``gain_init * lr`` + tol, better at half of them or more; gains from
+    1: the base at the same lr); at the
     base's best lr within tol; LR sensitivity at most half the base's and no more than any
     peer's; never diverges; the median gain grows at the smallest lr; at most 5% of elements
     at a bound at the end (at the base's best lr); and the stretch: at lr 1e-3 within 0.05 of
@@ -507,7 +519,7 @@ def targets(summary: list[dict], optims=DEFAULT_SPECS) -> str:
                 cells.append(f"{'yes' if ok else 'no'} ({start['better']} better, "
                              f"{start['worse']} worse of {compared})")
             else:
-                cells.append("n/a (gain_init 1)" if row["gain_init"] == 1.0 else "")
+                cells.append("")
             cells.append("yes" if row["within_tolerance"] else
                          f"no ({_f(row['vs_base'], signed=True)})")
             limit = base["sensitivity"] / 2 if base["sensitivity"] is not None else None

@@ -10,8 +10,8 @@ chosen by measurement.
   0.05 / 0.95; SGD and AdaBound, which have no published values, 0.05 / 0.95).
 - ``"significant"`` (the default of ``active_adamw``): see :data:`SIGNIFICANT`,
   docs/algorithm.md and README ("Quality"): a sign counts only where the period's sum stands
-  out of its own noise, mirrored increase and decrease (no drift under noise), gains from
-  10 ** -0.5 (about 0.316) within [0.03, 30], a 10-step period.
+  out of its own noise, mirrored increase and decrease (no drift under noise), gains from 1
+  within [0.03, 30], a 10-step period.
 - ``"two_sided"`` (the previous default, kept for comparison): see :data:`TWO_SIDED`: a
   multiplicative increase with ``x1.5 / x0.5``, so random signs shrink the gain, gains from
   0.1 within [0.001, 100], a 10-step period. Its downward drift under noise makes most gains
@@ -44,14 +44,16 @@ PAPER_FALLBACK = {"lr_high": 0.05, "lr_low": 0.95}
 #: "Quality"): a period's sign counts only where the sum stands out of its own noise,
 #: ``|s| > 2 * sqrt(sum(grad ** 2))``; other elements hold their gain, so noise neither grows
 #: nor shrinks it. Increase and decrease are mirror images (``x1.5`` and ``/1.5``): signs that
-#: agree or flip at random leave ``log(gain)`` without drift. Gains start half a decade below
-#: 1 (``10 ** -0.5``, about 0.316), so a learning rate too large for a fresh model is cut
-#: before any evidence exists (0.1 lost too much in short and large-batch runs, 1 protected
-#: nothing; both screened); half a decade exactly, so that the quality protocol's start-scale
-#: control (the base at ``gain_init * lr``) is a point of its half-decade grid. Gains range from
-#: 0.03 to 30. A period of 10 steps, so runs shorter than two epochs adapt too.
+#: agree or flip at random leave ``log(gain)`` without drift. Gains start at 1, as in the paper:
+#: a start ``c`` is exactly a learning rate ``c * lr`` (docs/algorithm.md, "The start is a
+#: learning-rate multiplier"), so at the rate a user tuned for the base this optimizer is the
+#: base until evidence moves a gain. (The previous start, ``10 ** -0.5``, moved the whole curve
+#: half a decade: better where the rate was too large, worse by as much at the base's best.)
+#: Gains range from 0.03 to 30 (1.5 decades either way: a stuck model's consistent gradients
+#: cannot grow a gain without limit). A period of 10 steps, so runs shorter than two epochs
+#: adapt too.
 SIGNIFICANT = ActiveConfig(
-    lr_high=0.5, lr_low=1 / 1.5, gain_increase="multiplicative", gain_init=10**-0.5,
+    lr_high=0.5, lr_low=1 / 1.5, gain_increase="multiplicative", gain_init=1.0,
     gain_min=0.03, gain_max=30.0, period=10, significance=2.0,
 )
 
