@@ -371,3 +371,32 @@ def test_state_the_groups_do_not_list_is_refused(change):
     """torch's load drops such state without a word (the moments would restart)."""
     _refused_then_untouched(TARGETS["ActiveAdamW"], _damaged(change), ValueError,
                             "do not match")
+
+
+def test_compare_reuses_a_run_only_with_the_same_command_and_settings(tmp_path, capsys,
+                                                                      monkeypatch):
+    """A stored results.json is reused only when it came from the same command, the same
+    settings behind the optimizer name and the same version (a changed preset reruns)."""
+    from hf_activelr.experiments import compare as compare_module
+
+    script = tmp_path / "counts.py"
+    script.write_text(
+        "import json, pathlib, sys\n"
+        "out = pathlib.Path(sys.argv[sys.argv.index('--output_dir') + 1])\n"
+        "out.mkdir(parents=True, exist_ok=True)\n"
+        "runs = out / 'runs.txt'\n"
+        "n = int(runs.read_text()) + 1 if runs.exists() else 1\n"
+        "runs.write_text(str(n))\n"
+        "(out / 'results.json').write_text(json.dumps({'metrics': {'eval_loss': float(n)}}))\n")
+    out = tmp_path / "out"
+    first = compare_module.run_one(script, "active_adamw", out, ["--seed", "0"])
+    again = compare_module.run_one(script, "active_adamw", out, ["--seed", "0"])
+    assert first == again == {"metrics": {"eval_loss": 1.0}}
+    other_args = compare_module.run_one(script, "active_adamw", out, ["--seed", "1"])
+    assert other_args["metrics"]["eval_loss"] == 2.0
+    real = compare_module.run_key
+    monkeypatch.setattr(compare_module, "run_key",
+                        lambda optim, shown: {**real(optim, shown), "settings": {"gain_init": 0.3}})
+    changed = compare_module.run_one(script, "active_adamw", out, ["--seed", "1"])
+    assert changed["metrics"]["eval_loss"] == 3.0
+    assert "running again" in capsys.readouterr().out

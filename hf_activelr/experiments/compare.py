@@ -38,13 +38,35 @@ def run_command(script, optim, output_dir, script_args, accelerate_config=None) 
             str(output_dir)]
 
 
+def run_key(optim, shown_command) -> dict:
+    """What a stored run must match to be reused: the (redacted) command, the settings the
+    optimizer name stands for now (a preset can change between versions) and the package
+    version. A run from other settings is redone, never shown as this one."""
+    import hf_activelr
+
+    from .sweep import resolved_settings
+
+    try:
+        settings = resolved_settings(optim)
+    except (KeyError, ValueError):  # a name the registry does not hold (e.g. a peer)
+        settings = None
+    return {"command": shown_command, "settings": settings,
+            "hf_activelr": hf_activelr.__version__}
+
+
 def run_one(script, optim, output_dir, script_args, accelerate_config=None, force=False) -> dict:
     results_path = pathlib.Path(output_dir) / "results.json"
-    if results_path.exists() and not force:
-        print(f"[compare] {optim}: reusing {results_path}", flush=True)
-        return json.loads(results_path.read_text())
+    key_path = pathlib.Path(output_dir) / "compare_run.json"
     command = run_command(script, optim, output_dir, script_args, accelerate_config)
     shown = redact_command(command)  # never print a --hub_token
+    key = run_key(optim, shown)
+    if results_path.exists() and not force:
+        stored = json.loads(key_path.read_text()) if key_path.exists() else None
+        if stored == key:
+            print(f"[compare] {optim}: reusing {results_path}", flush=True)
+            return json.loads(results_path.read_text())
+        print(f"[compare] {optim}: {results_path} is from another command, settings or "
+              "version: running again", flush=True)
     print(f"[compare] {optim}: {shown}", flush=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     completed = subprocess.run(command, check=False, env=env)
@@ -52,6 +74,7 @@ def run_one(script, optim, output_dir, script_args, accelerate_config=None, forc
         # Not CalledProcessError: its message and .cmd would carry the raw command line.
         raise RuntimeError(f"[compare] {optim}: the run exited with status "
                            f"{completed.returncode}: {shown}")
+    key_path.write_text(json.dumps(key, indent=1) + "\n")
     return json.loads(results_path.read_text())
 
 
