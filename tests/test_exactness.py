@@ -189,6 +189,11 @@ def gain_count(opt, value=1.0):
 FIXED = dict(lr_high=0.0, lr_low=1.0, period=2)
 
 
+def _gains(opt):
+    """Every decoded gain of ``opt``, flat, in state order."""
+    return torch.cat([decode_gain(s["gain"]).reshape(-1) for s in opt.state.values()])
+
+
 def _run_against_base(active, base, active_params, base_params, steps=200, lr_drop_at=120):
     grads = make_grads(steps, periods=[2, 2, 2], seed=11)
     for t, step_grads in enumerate(grads, start=1):
@@ -370,7 +375,7 @@ def test_against_reference(variant, period, zero_sum):
             foreach=foreach, steps=max(40, 12 * period + 8), params_tol=TIGHT,
         )
         # The test is only meaningful if gains moved both ways.
-        gains = torch.cat([decode_gain(s["gain"]).reshape(-1) for s in opt.state.values()])
+        gains = _gains(opt)
         assert (gains > 1).any() and (gains < 1).any()
 
 
@@ -383,7 +388,7 @@ def test_multiplicative_increase_against_reference(variant, zero_sum):
             variant, period=period, lr_high=0.5, lr_low=0.5, zero_sum=zero_sum,
             foreach=foreach, steps=12 * period + 8, gain_increase="multiplicative",
         )
-        gains = torch.cat([decode_gain(s["gain"]).reshape(-1) for s in opt.state.values()])
+        gains = _gains(opt)
         assert (gains > 1.5).any() and (gains < 1).any()
 
 
@@ -414,7 +419,7 @@ def test_significance_against_reference(variant, zero_sum):
             foreach=foreach, steps=12 * period + 8, gain_increase="multiplicative",
             significance=1.0,
         )
-        gains = torch.cat([decode_gain(s["gain"]).reshape(-1) for s in opt.state.values()])
+        gains = _gains(opt)
         assert (gains > 1).any() and (gains < 1).any()
         assert all(s["grad_sq_sum"].shape == s["gain"].shape for s in opt.state.values())
         # The test bites: without it the same run ends with other gains.
@@ -461,7 +466,7 @@ def test_bfloat16_grad_sum_against_reference(variant, zero_sum):
             foreach=foreach, steps=12 * period + 8, grad_sum_dtype="bfloat16",
         )
         assert all(s["grad_sum"].dtype == torch.bfloat16 for s in opt.state.values())
-        gains = torch.cat([decode_gain(s["gain"]).reshape(-1) for s in opt.state.values()])
+        gains = _gains(opt)
         assert (gains > 1).any() and (gains < 1).any()
 
 
@@ -483,7 +488,7 @@ def test_lean_state_against_reference(variant, zero_sum):
         )
         for state in opt.state.values():
             assert state["gain"].dtype == state["grad_sum"].dtype == torch.bfloat16
-        gains = torch.cat([decode_gain(s["gain"]).reshape(-1) for s in opt.state.values()])
+        gains = _gains(opt)
         assert (gains > 1).any() and (gains < 1).any()
         # rounding happened: some gains are off the float32 lattice 1.5**k
         assert (gains.float() != 1.5 ** torch.round(torch.log(gains.float()) / math.log(1.5))).any()
@@ -791,13 +796,7 @@ def test_gain_init_is_a_learning_rate_multiplier(cls, settings, foreach):
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     # the gains, stored relative to gain_init: the same relative gains, step by step
-    torch.testing.assert_close(torch.cat(_gains(low_start)), torch.cat(_gains(from_one)),
-                               rtol=1e-12, atol=0.0)
-    moved = torch.cat(_gains(from_one))
+    torch.testing.assert_close(_gains(low_start), _gains(from_one), rtol=1e-12, atol=0.0)
+    moved = _gains(from_one)
     assert (moved > 1).any() and (moved < 1).any()
     assert math.isclose(float(moved.max()), 3.0 / start)  # a bound binds
-
-
-def _gains(optimizer):
-    return [decode_gain(optimizer.state[p]["gain"]).reshape(-1).double()
-            for group in optimizer.param_groups for p in group["params"]]

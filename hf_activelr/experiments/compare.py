@@ -46,11 +46,8 @@ def run_key(optim, shown_command) -> dict:
 
     from .sweep import resolved_settings
 
-    try:
-        settings = resolved_settings(optim)
-    except (KeyError, ValueError):  # a name the registry does not hold (e.g. a peer)
-        settings = None
-    return {"command": shown_command, "settings": settings,
+    # None for a name the registry does not hold (adamw_torch, a peer)
+    return {"command": shown_command, "settings": resolved_settings(optim),
             "hf_activelr": hf_activelr.__version__}
 
 

@@ -449,12 +449,12 @@ def summarize(records: list[dict], quick: bool = False) -> list[dict]:
 
 
 def start_controls(row: dict) -> dict:
-    """``{lr: the base's lr that is this row's start}``: its start-scale controls; for an Active
-    optimizer whose gains start at 1, the base at the same lr (its start is the base); empty
-    for an optimizer without gains."""
+    """``{lr: the base's lr that is this row's start}``: its start-scale controls; where the
+    gains start at 1 (``gain_init_of`` says 1 for the base too), the base at the same lr;
+    empty for a peer (no gain_init)."""
     if row["control_lrs"]:
         return row["control_lrs"]
-    if row.get("gain_init") == 1.0:
+    if row["gain_init"] == 1.0:
         return {lr: lr for lr in row["points"]}
     return {}
 
